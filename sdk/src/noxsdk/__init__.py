@@ -1,0 +1,27 @@
+"""Nox SDK: wire models shared by the Nox server, this SDK and ``noxctl``."""
+
+from noxsdk._version import __version__
+from noxsdk.models import (
+    ErrorBody,
+    ErrorEnvelope,
+    Execution,
+    ExecutionKind,
+    ExecutionStatus,
+    FileInfo,
+    Health,
+    RunPython,
+    RunShell,
+)
+
+__all__ = [
+    "ErrorBody",
+    "ErrorEnvelope",
+    "Execution",
+    "ExecutionKind",
+    "ExecutionStatus",
+    "FileInfo",
+    "Health",
+    "RunPython",
+    "RunShell",
+    "__version__",
+]

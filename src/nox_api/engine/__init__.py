@@ -1,0 +1,1 @@
+"""Sandbox backends: see :mod:`nox_api.engine.base` for the protocol."""

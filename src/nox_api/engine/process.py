@@ -1,0 +1,364 @@
+"""Start a sandbox process, give it its orders, and supervise it to the end.
+
+A sandbox starts as an interpreter running ``_bootstrap.py`` that blocks on a control pipe, so
+it can be started ahead of time (see :mod:`.pool`). :func:`supervise` then writes the orders and
+standard input, reads standard output and error up to their caps, and stops the run at its wall
+time or when the output passes the hard cap. Everything goes through one ``select`` loop over
+non-blocking pipes and a pidfd, so a run costs no extra threads and the server's memory is bounded
+by the caps whatever the program prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+from noxsdk.models import ExecutionStatus
+
+from nox_api.engine import seccomp
+from nox_api.engine.base import MIB, Limits, Result, RunSpec
+from nox_api.engine.cgroups import Cgroup, CgroupManager
+
+__all__ = ["Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
+
+_CHUNK = 65536
+_STRAGGLER_GRACE_S = 0.2  # after the main process exits, how long leftover writers may hold a pipe
+
+
+def bootstrap_source() -> str:
+    return resources.files("nox_api.engine").joinpath("_bootstrap.py").read_text()
+
+
+class Launcher(Protocol):
+    """Builds the command line that starts one sandbox around the bootstrap."""
+
+    uses_seccomp: bool
+    memory_by_rlimit: bool  # no cgroup: the memory limit is RLIMIT_AS inside the sandbox
+
+    def command(
+        self, workspace: Path, control_fd: int, seccomp_fd: int | None, limits: Limits
+    ) -> list[str]: ...
+
+    def environment(self) -> dict[str, str]: ...
+
+    def prepare_workspace(self, workspace: Path) -> None:
+        """Make a new workspace folder usable by the sandbox's user."""
+
+    def hint(self, detail: str) -> str:
+        """A sentence that tells how to fix a failed start, given what the launcher printed."""
+
+
+@dataclass
+class SandboxProcess:
+    """A started sandbox that waits for its orders on ``control``."""
+
+    proc: subprocess.Popen[bytes]
+    control: int
+    workspace: Path
+    cgroup: Cgroup | None
+    created: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def discard(self) -> None:
+        """Stop it unused (pool expiry, shutdown) and release everything it holds."""
+        os.close(self.control)
+        _kill(self)
+        _reap(self.proc)
+        _close_pipes(self.proc)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+def spawn(
+    launcher: Launcher, workspace: Path, cgroups: CgroupManager | None, ceiling: Limits
+) -> SandboxProcess:
+    """Start a sandbox for ``workspace``; its limits start at ``ceiling`` and are narrowed
+    to the run's own when it is used."""
+    control_r, control_w = os.pipe()
+    seccomp_fd = seccomp.filter_fd() if launcher.uses_seccomp else None
+    group = cgroups.create(uuid.uuid4().hex[:16]) if cgroups is not None else None
+    try:
+        if group is not None:
+            group.set_limits(ceiling.memory_mib * MIB, ceiling.processes)
+        argv = launcher.command(workspace, control_r, seccomp_fd, ceiling)
+        pass_fds = (control_r,) if seccomp_fd is None else (control_r, seccomp_fd)
+        preexec: Callable[[], None] | None = None
+        if group is not None:
+            join_files = group.join_files()
+
+            def preexec() -> None:
+                Cgroup.join(join_files)
+
+        proc = subprocess.Popen(  # noqa: S603 - argv is built by the launcher, no shell
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            pass_fds=pass_fds,
+            preexec_fn=preexec,  # noqa: PLW1509 - raw syscalls only, see Cgroup.join
+            start_new_session=True,
+            env=launcher.environment(),
+            cwd="/",
+        )
+    except BaseException:
+        os.close(control_w)
+        if group is not None:
+            group.remove()
+        raise
+    finally:
+        os.close(control_r)
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
+    return SandboxProcess(proc, control_w, workspace, group)
+
+
+def _orders(spec: RunSpec, memory_by_rlimit: bool, env: Mapping[str, str]) -> bytes:
+    lim = spec.limits
+    rlimits = {
+        "RLIMIT_CPU": lim.cpu_s,
+        "RLIMIT_FSIZE": lim.file_size_mib * MIB,
+        "RLIMIT_NOFILE": lim.open_files,
+        "RLIMIT_CORE": 0,
+    }
+    if memory_by_rlimit:
+        rlimits["RLIMIT_AS"] = lim.memory_mib * MIB
+        rlimits["RLIMIT_NPROC"] = lim.processes
+    doc = {"kind": spec.kind, "source": spec.source, "env": dict(env), "rlimits": rlimits}
+    return json.dumps(doc).encode()
+
+
+class _Stream:
+    __slots__ = ("cap", "data", "truncated")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(room, 0)]
+        self.data += chunk
+
+
+def _kill(sp: SandboxProcess) -> None:
+    """Kill the whole tree: the session (launcher and, without namespaces, the program), then
+    the cgroup. With bwrap, killing the monitor takes the pid namespace down with it
+    (``--die-with-parent``)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sp.proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        sp.proc.kill()
+    if sp.cgroup is not None:
+        sp.cgroup.kill_all()
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float | None]:
+    """Wait for the process; returns (shell-style exit code, CPU ms from rusage or None)."""
+    if proc.returncode is not None:
+        return _shell_code(proc.returncode), None
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere (Popen.poll during a liveness check)
+        proc.wait()
+        return _shell_code(proc.returncode), None
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    return _shell_code(code), (usage.ru_utime + usage.ru_stime) * 1000.0
+
+
+def _shell_code(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+def supervise(
+    sp: SandboxProcess,
+    spec: RunSpec,
+    env: Mapping[str, str],
+    memory_by_rlimit: bool,
+    warm: bool,
+) -> Result:
+    """Run ``spec`` in the started sandbox ``sp`` and return its :class:`Result`."""
+    lim = spec.limits
+    group = sp.cgroup
+    cpu_base = oom_base = 0
+    if group is not None:
+        group.set_limits(lim.memory_mib * MIB, lim.processes)
+        cpu_base = group.cpu_ns() or 0
+        oom_base = group.oom_kills()
+
+    proc = sp.proc
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    writers: dict[int, memoryview] = {sp.control: memoryview(_orders(spec, memory_by_rlimit, env))}
+    stdin_fd = proc.stdin.fileno()
+    if spec.stdin:
+        writers[stdin_fd] = memoryview(spec.stdin)
+    else:
+        proc.stdin.close()
+    readers = {proc.stdout.fileno(): _Stream(lim.output_bytes),
+               proc.stderr.fileno(): _Stream(lim.output_bytes)}
+    out, err = readers[proc.stdout.fileno()], readers[proc.stderr.fileno()]
+    for fd in (*writers, *readers):
+        os.set_blocking(fd, False)
+    for fd in writers:
+        sel.register(fd, selectors.EVENT_WRITE)
+    for fd in readers:
+        sel.register(fd, selectors.EVENT_READ)
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+
+    start = time.monotonic()
+    deadline = start + lim.timeout_s
+    stop_reason: str | None = None
+    exited_at: float | None = None
+    total_out = 0
+
+    control_open = True
+
+    def close_fd(fd: int) -> None:
+        nonlocal control_open
+        sel.unregister(fd)
+        if fd == sp.control:
+            os.close(fd)
+            control_open = False
+        elif fd == stdin_fd:
+            proc.stdin.close()  # type: ignore[union-attr]
+
+    try:
+        while readers or exited_at is None:
+            now = time.monotonic()
+            if now >= deadline:
+                stop_reason = "timeout"
+                break
+            wait = deadline - now
+            if exited_at is not None:
+                if now - exited_at >= _STRAGGLER_GRACE_S:
+                    break  # something outlived the program and holds its pipes
+                wait = min(wait, _STRAGGLER_GRACE_S)
+            for key, _mask in sel.select(wait):
+                fd = key.fd
+                if fd == pidfd:
+                    sel.unregister(pidfd)
+                    exited_at = time.monotonic()
+                elif fd in writers:
+                    view = writers[fd]
+                    try:
+                        sent = os.write(fd, view[:_CHUNK])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the program closed its end or died: stop feeding
+                        sent = len(view)
+                    writers[fd] = view = view[sent:]
+                    if not view:
+                        del writers[fd]
+                        close_fd(fd)
+                elif fd in readers:
+                    try:
+                        chunk = os.read(fd, _CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        del readers[fd]
+                        sel.unregister(fd)
+                        continue
+                    total_out += len(chunk)
+                    readers[fd].add(chunk)
+                    if total_out > lim.output_hard_bytes:
+                        stop_reason = "output"
+                        break
+            if stop_reason is not None:
+                break
+        duration_ms = (time.monotonic() - start) * 1000.0
+        if stop_reason is not None or readers:
+            _kill(sp)
+        exit_code, rusage_cpu_ms = _reap(proc)
+    finally:
+        if proc.returncode is None:  # an error above: never leave a sandbox running
+            _kill(sp)
+            _reap(proc)
+        sel.close()
+        os.close(pidfd)
+        if control_open:
+            os.close(sp.control)
+        _close_pipes(proc)
+
+    cpu_ms = rusage_cpu_ms
+    oom = False
+    if group is not None:
+        cpu_now = group.cpu_ns()
+        if cpu_now is not None:
+            cpu_ms = (cpu_now - cpu_base) / 1e6
+        oom = group.oom_kills() > oom_base
+        group.remove()
+
+    status = _status(stop_reason, exit_code, oom, cpu_ms, lim, memory_by_rlimit, err.data)
+    return Result(
+        status=status,
+        exit_code=exit_code,
+        stdout=bytes(out.data),
+        stderr=bytes(err.data),
+        stdout_truncated=out.truncated or stop_reason == "output",
+        stderr_truncated=err.truncated or stop_reason == "output",
+        duration_ms=round(duration_ms, 3),
+        cpu_ms=None if cpu_ms is None else round(cpu_ms, 3),
+        warm=warm,
+    )
+
+
+def _status(
+    stop_reason: str | None,
+    exit_code: int,
+    oom: bool,
+    cpu_ms: float | None,
+    lim: Limits,
+    memory_by_rlimit: bool,
+    stderr: bytes | bytearray,
+) -> ExecutionStatus:
+    if stop_reason == "output":
+        return ExecutionStatus.OUTPUT_LIMIT
+    if stop_reason == "timeout":
+        return ExecutionStatus.TIMEOUT
+    if oom:
+        return ExecutionStatus.MEMORY_LIMIT
+    if exit_code == 128 + signal.SIGXCPU or (
+        exit_code == 128 + signal.SIGKILL and cpu_ms is not None and cpu_ms >= lim.cpu_s * 1000
+    ):
+        return ExecutionStatus.TIMEOUT
+    if exit_code == 0:
+        return ExecutionStatus.OK
+    if memory_by_rlimit and stderr.rstrip().endswith(b"MemoryError"):
+        return ExecutionStatus.MEMORY_LIMIT
+    if 128 < exit_code <= 128 + 64:
+        return ExecutionStatus.KILLED
+    return ExecutionStatus.ERROR
+
+
+def minimal_env(extra: Mapping[str, str], base: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The program's environment: Nox's minimal base, then the caller's additions."""
+    env = dict(base)
+    env.update(extra)
+    return env

@@ -1,0 +1,149 @@
+"""A :class:`~nox_api.engine.base.Sandbox` made of processes: a launcher (bubblewrap or the plain
+``unsafe`` one), the warm pool, cgroups when the machine allows them, and a cap on how many runs
+go at once. The backends in :mod:`.bwrap` and :mod:`.unsafe` are this class with their launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from noxsdk.models import ExecutionStatus
+
+from nox_api.engine import cgroups as cgroups_mod
+from nox_api.engine.base import BackendInfo, Limits, Result, RunSpec, SandboxUnavailable
+from nox_api.engine.pool import PoolStats, WarmPool
+from nox_api.engine.process import Launcher, SandboxProcess, spawn, supervise
+
+__all__ = ["BASE_ENV", "ProcessSandbox"]
+
+log = logging.getLogger("nox.engine")
+
+BASE_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TMPDIR": "/tmp",
+    "PYTHONIOENCODING": "utf-8",
+}
+
+
+class ProcessSandbox:
+    """Runs each request in a fresh sandbox process started by ``launcher``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        isolation: str,
+        launcher: Launcher,
+        ceiling: Limits,
+        pool_size: int,
+        pool_idle_s: float,
+        pool_max_workspaces: int,
+        max_concurrent: int,
+        use_cgroups: bool,
+        probe_dir: Path,
+    ) -> None:
+        self.name = name
+        self.isolation = isolation
+        self._launcher = launcher
+        self._ceiling = ceiling
+        self._probe_dir = probe_dir
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._cgroups = cgroups_mod.detect() if use_cgroups else None
+        if self._cgroups is not None:
+            removed = self._cgroups.cleanup_stale()
+            if removed:
+                log.warning("removed %d sandbox cgroups left by an earlier server", removed)
+        launcher.memory_by_rlimit = self._cgroups is None
+        self._reason: str | None = None
+        self._pool = WarmPool(self._spawn, pool_size, pool_idle_s, pool_max_workspaces)
+
+    # -- Sandbox protocol ------------------------------------------------------------------
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.name,
+            isolation=self.isolation,
+            limits_by=self.limits_by(),
+            available=self._reason is None,
+            reason=self._reason,
+        )
+
+    def run(self, spec: RunSpec) -> Result:
+        if self._reason is not None:
+            raise SandboxUnavailable(self._reason)
+        self._check_within_ceiling(spec.limits)
+        env = dict(BASE_ENV)
+        env.update(spec.env)
+        with self._slots:
+            sp = self._pool.take(spec.workspace)
+            warm = sp is not None
+            if sp is None:
+                sp = self._spawn(spec.workspace)
+            return supervise(sp, spec, env, self._launcher.memory_by_rlimit, warm)
+
+    def prewarm(self, workspace: Path) -> None:
+        if self._reason is None:
+            self._pool.prewarm(workspace)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- the rest --------------------------------------------------------------------------
+    def pool_stats(self) -> PoolStats:
+        return self._pool.stats()
+
+    def limits_by(self) -> dict[str, str]:
+        cg = f"cgroup {self._cgroups.version}" if self._cgroups is not None else None
+        return {
+            "timeout_s": "server (kills the whole sandbox)",
+            "cpu_s": "rlimit RLIMIT_CPU",
+            "memory_mib": f"{cg} memory" if cg else "rlimit RLIMIT_AS",
+            "processes": f"{cg} pids" if cg else "rlimit RLIMIT_NPROC (per sandbox uid)",
+            "file_size_mib": "rlimit RLIMIT_FSIZE",
+            "open_files": "rlimit RLIMIT_NOFILE",
+            "tmp_size_mib": "tmpfs size" if self.isolation != "none" else "not enforced",
+            "output_bytes": "server (reads at most the cap)",
+        }
+
+    def probe(self) -> str | None:
+        """Run ``print(1)`` for real; remember and return why it failed, or None."""
+        self._probe_dir.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix="probe-", dir=self._probe_dir))
+        try:
+            self._launcher.prepare_workspace(workspace)
+            spec = RunSpec("python", "print(1)", workspace, Limits(timeout_s=10.0))
+            env = dict(BASE_ENV)
+            result = supervise(
+                self._spawn(workspace), spec, env, self._launcher.memory_by_rlimit, warm=False
+            )
+            if result.status != ExecutionStatus.OK or result.stdout != b"1\n":
+                detail = result.stderr.decode("utf-8", "replace").strip()[-500:]
+                self._reason = (
+                    f"the {self.name} sandbox cannot run a trivial program "
+                    f"(status {result.status}, exit {result.exit_code}): {detail or 'no output'}"
+                    f"{self._launcher.hint(detail)}"
+                )
+            else:
+                self._reason = None
+        except SandboxUnavailable as exc:
+            self._reason = str(exc)
+        except OSError as exc:
+            self._reason = f"the {self.name} sandbox could not start: {exc}"
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        return self._reason
+
+    def _check_within_ceiling(self, lim: Limits) -> None:
+        c = self._ceiling
+        if lim.memory_mib > c.memory_mib or lim.processes > c.processes:
+            raise ValueError("run limits above the sandbox ceiling; the policy must refuse them")
+
+    def _spawn(self, workspace: Path) -> SandboxProcess:
+        return spawn(self._launcher, workspace, self._cgroups, self._ceiling)
