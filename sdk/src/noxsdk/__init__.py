@@ -3,8 +3,10 @@
 from noxsdk._version import __version__
 from noxsdk.models import (
     ErrorBody,
+    EffectiveLimits,
     ErrorEnvelope,
     Execution,
+    ExecutionDetail,
     ExecutionKind,
     ExecutionStatus,
     FileInfo,
@@ -14,9 +16,11 @@ from noxsdk.models import (
 )
 
 __all__ = [
+    "EffectiveLimits",
     "ErrorBody",
     "ErrorEnvelope",
     "Execution",
+    "ExecutionDetail",
     "ExecutionKind",
     "ExecutionStatus",
     "FileInfo",

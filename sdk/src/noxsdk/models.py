@@ -115,7 +115,12 @@ class Execution(BaseModel):
     actor: str
     request_id: str | None = None
     limits: EffectiveLimits | None = None
-    code: str | None = Field(default=None, description="Only in GET /api/history/{id}.")
+
+
+class ExecutionDetail(Execution):
+    """An Execution with the code or command that ran (``GET /api/history/{id}``)."""
+
+    code: str
 
 
 class FileInfo(BaseModel):

@@ -21,6 +21,7 @@ __all__ = [
     "RunSpec",
     "Sandbox",
     "SandboxUnavailable",
+    "UnavailableSandbox",
 ]
 
 Kind = Literal["python", "shell"]
@@ -95,4 +96,31 @@ class Sandbox(Protocol):
 
     def prewarm(self, workspace: Path) -> None: ...
 
+    def prepare_workspace(self, workspace: Path) -> None: ...
+
     def close(self) -> None: ...
+
+
+class UnavailableSandbox:
+    """Stands in for a backend that cannot work here: every run answers with the reason."""
+
+    isolation = "none"
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, "none", {}, available=False, reason=self.reason)
+
+    def run(self, spec: RunSpec) -> Result:
+        raise SandboxUnavailable(self.reason)
+
+    def prewarm(self, workspace: Path) -> None:
+        return None
+
+    def prepare_workspace(self, workspace: Path) -> None:
+        workspace.chmod(0o700)
+
+    def close(self) -> None:
+        return None

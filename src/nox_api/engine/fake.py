@@ -82,6 +82,9 @@ class FakeSandbox:
     def prewarm(self, workspace: Path) -> None:
         return None
 
+    def prepare_workspace(self, workspace: Path) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

@@ -92,6 +92,9 @@ class ProcessSandbox:
         if self._reason is None:
             self._pool.prewarm(workspace)
 
+    def prepare_workspace(self, workspace: Path) -> None:
+        self._launcher.prepare_workspace(workspace)
+
     def close(self) -> None:
         self._pool.close()
 

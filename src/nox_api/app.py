@@ -1,0 +1,62 @@
+"""The application factory. Nothing happens at import: :func:`create_app` builds the app, and its
+lifespan starts the server's parts (database migrations, sandbox probe, warm pool)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+
+from nox_api._version import __version__
+from nox_api.config import Settings, load_settings
+from nox_api.engine.base import Sandbox
+from nox_api.http_errors import install_error_handlers
+from nox_api.middleware import BodyLimitMiddleware
+from nox_api.routes import health, put, run
+from nox_api.state import Nox
+
+__all__ = ["create_app"]
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STREAMED_PREFIXES = ("/put", "/api/files/")
+
+
+def _sane_request_id(value: str) -> bool:
+    return bool(_REQUEST_ID_RE.match(value))
+
+
+def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None) -> FastAPI:
+    """Build the Nox ASGI app. ``sandbox`` replaces the configured backend (tests pass a fake)."""
+    resolved = settings if settings is not None else load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nox = Nox.start(resolved, sandbox)
+        app.state.nox = nox
+        try:
+            yield
+        finally:
+            nox.close()
+
+    app = FastAPI(
+        title="Nox",
+        version=__version__,
+        summary="Run untrusted Python and shell code in Linux sandboxes.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(run.router)
+    app.include_router(put.router)
+    body_limit = resolved.max_code_bytes + resolved.max_stdin_bytes + 256 * 1024
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit, exempt=_STREAMED_PREFIXES)
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name="X-Request-ID",
+        validator=_sane_request_id,
+        update_request_header=True,
+    )
+    return app

@@ -1,0 +1,81 @@
+"""Every error answer is the JSON envelope of API.md, never HTML or a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from asgi_correlation_id import correlation_id
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nox_api.errors import NoxError
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger("nox.http")
+
+_CODES_BY_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "sandbox_unavailable",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "request_id": correlation_id.get()}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "the request is not valid"
+
+
+async def _nox_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NoxError)
+    if exc.status >= 500:
+        log.error("%s: %s", exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, "invalid_request", _describe(exc))
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODES_BY_STATUS.get(exc.status_code, "internal" if exc.status_code >= 500 else
+                                "invalid_request")
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(
+        500, "internal", "internal server error; the request id identifies it in the server log"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(NoxError, _nox_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,157 @@
+"""``POST /put``: upload one file (multipart ``file``, optional field ``path``).
+
+The body is parsed as it arrives and the file part goes straight to a staging file with a size
+cap; nothing is buffered in memory and nothing appears in the workspace until the whole upload
+succeeded, when one ``rename`` puts it in place. A failed or cut upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, status
+from noxsdk.models import FileInfo
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
+
+from nox_api.deps import NoxDep, Runner
+from nox_api.errors import InvalidRequest, PayloadTooLarge
+from nox_api.services.files import StagedFile
+
+router = APIRouter(tags=["files"])
+
+_MAX_FIELD_BYTES = 4096
+_MULTIPART_OVERHEAD = 64 * 1024
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "path": {
+                            "type": "string",
+                            "description": "Target path in the workspace (default: the "
+                            "file's name). Parent folders are created.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+class _Upload:
+    """State of one multipart parse: which part we are in, the path field, the file writer."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.header_field = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.part: str | None = None  # "file", "path"
+        self.filename: str | None = None
+        self.path_field = bytearray()
+        self.files = 0
+        self.error: Exception | None = None
+
+    # python-multipart callbacks ----------------------------------------------------------
+    def on_part_begin(self) -> None:
+        self.headers = {}
+        self.part = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        key = self.header_field.lower()
+        self.headers[key] = self.headers.get(key, b"") + data[start:end]
+
+    def on_header_end(self) -> None:
+        self.header_field = b""
+
+    def on_headers_finished(self) -> None:
+        _value, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            self.files += 1
+            if self.files > 1:
+                raise InvalidRequest("send exactly one 'file' part per upload")
+            self.part = "file"
+            raw = params.get(b"filename")
+            self.filename = raw.decode("utf-8", "replace") if raw else None
+        elif name == "path":
+            self.part = "path"
+        else:
+            raise InvalidRequest(f"unexpected form field {name[:60]!r}; expected 'file' "
+                                 "and optionally 'path'")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.part == "file":
+            self.writer.write(data[start:end])
+        elif self.part == "path":
+            self.path_field += data[start:end]
+            if len(self.path_field) > _MAX_FIELD_BYTES:
+                raise InvalidRequest(f"the 'path' field is longer than {_MAX_FIELD_BYTES} bytes")
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+        }
+
+
+def _boundary(request: Request) -> bytes:
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise InvalidRequest(
+            "send the file as multipart/form-data with a 'file' part (curl -F file=@NAME)"
+        )
+    return params[b"boundary"]
+
+
+@router.post(
+    "/put",
+    status_code=status.HTTP_201_CREATED,
+    response_model=FileInfo,
+    openapi_extra=_UPLOAD_BODY,
+    summary="Upload a file into the workspace",
+    responses={  # type: ignore[dict-item]
+        400: {"description": "Bad form or invalid_path"},
+        409: {"description": "The target is a folder"},
+        413: {"description": "The file is above the server's upload limit"},
+    },
+)
+async def put(request: Request, nox: NoxDep, caller: Runner) -> FileInfo:
+    limit = nox.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + _MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(f"the upload is larger than this server's {limit} bytes")
+    parser_boundary = _boundary(request)
+    with nox.workspaces.staged_upload(limit) as writer:
+        upload = _Upload(writer)
+        parser = MultipartParser(parser_boundary, upload.callbacks())  # type: ignore[arg-type]
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except ClientDisconnect:
+            raise InvalidRequest("the client went away before the upload ended") from None
+        except MultipartParseError as exc:
+            raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
+        if upload.files == 0:
+            raise InvalidRequest("the form has no 'file' part (curl -F file=@NAME)")
+        target = upload.path_field.decode("utf-8", "replace") or upload.filename
+        if not target:
+            raise InvalidRequest("the file part has no name: give the target in the 'path' field")
+        staged: StagedFile = writer.finish()
+        return nox.workspaces.commit(caller.workspace, target, staged)

@@ -1,0 +1,34 @@
+"""``POST /run_py`` and ``POST /run_sh``: run code in the caller's workspace.
+
+The handlers are plain ``def``: FastAPI runs them in its worker threads, where the blocking
+sandbox supervision belongs. User code failing is still HTTP 200; ``status`` tells how it ended.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from noxsdk.models import Execution, RunPython, RunShell
+
+from nox_api.deps import NoxDep, RequestIdDep, Runner
+
+router = APIRouter(tags=["run"])
+
+_ERRORS: dict[int | str, dict[str, str]] = {
+    400: {"description": "A limit above the server's maximum, or an invalid field"},
+    401: {"description": "Missing or unknown token"},
+    403: {"description": "The token's role may not run code"},
+    413: {"description": "Code, command or stdin above the server's size limit"},
+    503: {"description": "No sandbox can run here; the message says how to fix it"},
+}
+
+
+@router.post("/run_py", response_model=Execution, responses=_ERRORS,  # type: ignore[arg-type]
+             summary="Run Python code in a sandbox")
+def run_py(body: RunPython, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
+    return nox.executions.run(caller, body, request_id)
+
+
+@router.post("/run_sh", response_model=Execution, responses=_ERRORS,  # type: ignore[arg-type]
+             summary="Run a shell command (/bin/sh -c) in a sandbox")
+def run_sh(body: RunShell, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
+    return nox.executions.run(caller, body, request_id)

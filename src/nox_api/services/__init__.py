@@ -1,0 +1,1 @@
+"""Services: the operations of Nox, independent of HTTP. Routes call these."""

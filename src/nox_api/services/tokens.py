@@ -1,0 +1,131 @@
+"""API tokens: random secrets shown once, stored as SHA-256 hashes, each with a role and a
+workspace. ``NOX_API_TOKEN``, when set, is accepted as an admin token of the default workspace."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import func, select
+
+from nox_api.errors import InvalidRequest
+from nox_api.storage.db import Database
+from nox_api.storage.models import TokenRow
+
+__all__ = [
+    "DEFAULT_WORKSPACE",
+    "TOKEN_PREFIX",
+    "IssuedToken",
+    "Principal",
+    "Role",
+    "TokenService",
+    "validate_workspace_name",
+]
+
+TOKEN_PREFIX = "nox_"  # lets secret scanners recognise a leaked Nox token
+DEFAULT_WORKSPACE = "default"
+_WORKSPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME_RE = re.compile(r"^[\w .@:/+-]{1,128}$")
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"
+    RUNNER = "runner"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a stored token, or the environment's admin token (id ``env``)."""
+
+    id: str
+    name: str
+    role: Role
+    workspace: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    principal: Principal
+    secret: str  # shown once, never stored
+    created_at: datetime
+    expires_at: datetime | None
+
+
+def validate_workspace_name(name: str) -> str:
+    if not _WORKSPACE_RE.match(name):
+        raise InvalidRequest(
+            f"workspace name {name[:70]!r} must be 1-64 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenService:
+    def __init__(self, db: Database, env_token: str | None = None) -> None:
+        self._db = db
+        self._env_token = env_token
+
+    def create(
+        self,
+        name: str,
+        role: Role,
+        workspace: str = DEFAULT_WORKSPACE,
+        expires_in_days: int | None = None,
+    ) -> IssuedToken:
+        if not _NAME_RE.match(name):
+            raise InvalidRequest(
+                "token name must be 1-128 letters, digits, spaces or . @ : / + - _"
+            )
+        validate_workspace_name(workspace)
+        if expires_in_days is not None and not 1 <= expires_in_days <= 3650:
+            raise InvalidRequest("expires_in_days must be between 1 and 3650")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        expires = now + timedelta(days=expires_in_days) if expires_in_days else None
+        row = TokenRow(
+            id=secrets.token_hex(8),
+            name=name,
+            role=role.value,
+            workspace=workspace,
+            token_hash=hash_secret(secret),
+            created_at=now,
+            expires_at=expires,
+        )
+        with self._db.session() as session:
+            session.add(row)
+        principal = Principal(row.id, name, role, workspace)
+        return IssuedToken(principal, secret, now, expires)
+
+    def count(self) -> int:
+        with self._db.session() as session:
+            return int(session.scalar(select(func.count()).select_from(TokenRow)) or 0)
+
+    def authenticate(self, secret: str) -> Principal | None:
+        """The principal of a bearer secret, or None for an unknown, expired or revoked one."""
+        if self._env_token is not None and hmac.compare_digest(
+            secret.encode(), self._env_token.encode()
+        ):
+            return Principal("env", "NOX_API_TOKEN", Role.ADMIN, DEFAULT_WORKSPACE)
+        if not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
+            return None
+        # Looking up by the SHA-256 of the secret: the index compares hashes, never secrets,
+        # so timing reveals nothing about a stored secret.
+        digest = hash_secret(secret)
+        now = datetime.now(UTC)
+        with self._db.session() as session:
+            row = session.scalar(select(TokenRow).where(TokenRow.token_hash == digest))
+            if row is None or row.revoked_at is not None:
+                return None
+            if row.expires_at is not None and row.expires_at <= now:
+                return None
+            return Principal(row.id, row.name, Role(row.role), row.workspace)
