@@ -54,7 +54,9 @@ def serve(
     from nox_api.storage.db import Database
 
     settings = _settings(host=host, port=port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings.data_path.mkdir(parents=True, exist_ok=True)
         db = Database(settings.sqlalchemy_url)

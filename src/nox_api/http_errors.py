@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
@@ -48,21 +49,21 @@ def _describe(exc: RequestValidationError) -> str:
 
 
 async def _nox_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, NoxError)
+    exc = cast(NoxError, exc)
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    return error_response(422, "invalid_request", _describe(exc))
+    return error_response(422, "invalid_request", _describe(cast(RequestValidationError, exc)))
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    code = _CODES_BY_STATUS.get(exc.status_code, "internal" if exc.status_code >= 500 else
-                                "invalid_request")
+    exc = cast(StarletteHTTPException, exc)
+    code = _CODES_BY_STATUS.get(
+        exc.status_code, "internal" if exc.status_code >= 500 else "invalid_request"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
     return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
 

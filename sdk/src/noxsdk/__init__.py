@@ -2,8 +2,8 @@
 
 from noxsdk._version import __version__
 from noxsdk.models import (
-    ErrorBody,
     EffectiveLimits,
+    ErrorBody,
     ErrorEnvelope,
     Execution,
     ExecutionDetail,

@@ -42,7 +42,8 @@ class _Request(BaseModel):
 
     stdin: str | None = Field(default=None, description="Text fed to the program's standard input.")
     timeout_s: Annotated[float, Field(gt=0, le=86_400)] | None = Field(
-        default=None, description="Wall-clock limit in seconds (default and maximum from the policy)."
+        default=None,
+        description="Wall-clock limit in seconds (default and maximum from the policy).",
     )
     memory_mib: Annotated[int, Field(gt=0, le=1_048_576)] | None = Field(
         default=None, description="Memory limit in MiB (default and maximum from the policy)."

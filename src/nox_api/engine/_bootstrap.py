@@ -15,7 +15,7 @@ import resource
 import sys
 
 
-def _read_orders():
+def _read_orders() -> dict:  # type: ignore[type-arg]
     fd = int(sys.argv[1])  # the control pipe's number, given by the launcher
     chunks = []
     while True:
@@ -26,10 +26,11 @@ def _read_orders():
     os.close(fd)
     if not chunks:  # the server went away before using this sandbox
         os._exit(0)
-    return json.loads(b"".join(chunks))
+    orders: dict = json.loads(b"".join(chunks))  # type: ignore[type-arg]
+    return orders
 
 
-def _apply_limits(limits):
+def _apply_limits(limits: dict) -> None:  # type: ignore[type-arg]
     for name, value in limits.items():
         res = getattr(resource, name)
         if name == "RLIMIT_CPU":  # counted from process start: add what start-up used
@@ -40,11 +41,11 @@ def _apply_limits(limits):
             resource.setrlimit(res, (value, value))
 
 
-def _run_python(code):
+def _run_python(code: str) -> None:
     import types
 
     main = types.ModuleType("__main__")
-    main.__builtins__ = __builtins__
+    main.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = main
     sys.argv[:] = ["-c"]
     try:
@@ -70,7 +71,7 @@ def _run_python(code):
         sys.exit(1)
 
 
-def _main():
+def _main() -> None:
     orders = _read_orders()
     _apply_limits(orders["rlimits"])
     os.environ.clear()

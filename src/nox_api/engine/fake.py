@@ -12,9 +12,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from noxsdk.models import ExecutionStatus
-
 from nox_api.engine.base import BackendInfo, Result, RunSpec, SandboxUnavailable
+from noxsdk.models import ExecutionStatus
 
 __all__ = ["FakeSandbox"]
 

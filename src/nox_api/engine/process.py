@@ -24,11 +24,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from noxsdk.models import ExecutionStatus
-
 from nox_api.engine import seccomp
 from nox_api.engine.base import MIB, Limits, Result, RunSpec
 from nox_api.engine.cgroups import Cgroup, CgroupManager
+from noxsdk.models import ExecutionStatus
 
 __all__ = ["Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
 
@@ -102,7 +101,7 @@ def spawn(
             def preexec() -> None:
                 Cgroup.join(join_files)
 
-        proc = subprocess.Popen(  # noqa: S603 - argv is built by the launcher, no shell
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -176,8 +175,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float | None]:
     try:
         _pid, status, usage = os.wait4(proc.pid, 0)
     except ChildProcessError:  # reaped elsewhere (Popen.poll during a liveness check)
-        proc.wait()
-        return _shell_code(proc.returncode), None
+        return _shell_code(proc.wait()), None
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
     return _shell_code(code), (usage.ru_utime + usage.ru_stime) * 1000.0
@@ -192,6 +190,100 @@ def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
         if pipe is not None:
             with contextlib.suppress(OSError):
                 pipe.close()
+
+
+class _Pump:
+    """The select loop of one run: feeds the orders and stdin, drains stdout and stderr, and
+    notices the exit through a pidfd. Owns the descriptors it was given until :meth:`close`."""
+
+    def __init__(self, sp: SandboxProcess, orders: bytes, stdin: bytes, lim: Limits) -> None:
+        proc = sp.proc
+        if proc.stdin is None or proc.stdout is None or proc.stderr is None:
+            raise RuntimeError("a sandbox process must have all three standard pipes")
+        self._sp = sp
+        self._lim = lim
+        self._stdin = proc.stdin
+        self._control_open = True
+        self.writers: dict[int, memoryview] = {sp.control: memoryview(orders)}
+        if stdin:
+            self.writers[proc.stdin.fileno()] = memoryview(stdin)
+        else:
+            proc.stdin.close()
+        self.out = _Stream(lim.output_bytes)
+        self.err = _Stream(lim.output_bytes)
+        self.readers = {proc.stdout.fileno(): self.out, proc.stderr.fileno(): self.err}
+        self.total_out = 0
+        self.sel = selectors.DefaultSelector()
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.sel.register(self.pidfd, selectors.EVENT_READ)
+        for fd in self.writers:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_WRITE)
+        for fd in self.readers:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ)
+
+    def run(self, deadline: float) -> str | None:
+        """Pump until the program exited and its pipes closed; the reason it was stopped
+        early ("timeout", "output"), or None."""
+        exited_at: float | None = None
+        while self.readers or exited_at is None:
+            now = time.monotonic()
+            if now >= deadline:
+                return "timeout"
+            wait = deadline - now
+            if exited_at is not None:
+                if now - exited_at >= _STRAGGLER_GRACE_S:
+                    return None  # something outlived the program and holds its pipes
+                wait = min(wait, _STRAGGLER_GRACE_S)
+            for key, _mask in self.sel.select(wait):
+                if key.fd == self.pidfd:
+                    self.sel.unregister(self.pidfd)
+                    exited_at = time.monotonic()
+                elif key.fd in self.writers:
+                    self._write(key.fd)
+                elif key.fd in self.readers and self._read(key.fd):
+                    return "output"
+        return None
+
+    def _write(self, fd: int) -> None:
+        view = self.writers[fd]
+        try:
+            sent = os.write(fd, view[:_CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # the program closed its end or died: stop feeding it
+            sent = len(view)
+        self.writers[fd] = view = view[sent:]
+        if not view:
+            del self.writers[fd]
+            self.sel.unregister(fd)
+            if fd == self._sp.control:
+                os.close(fd)
+                self._control_open = False
+            else:
+                self._stdin.close()
+
+    def _read(self, fd: int) -> bool:
+        """Read a chunk; True when the output passed the hard cap."""
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            del self.readers[fd]
+            self.sel.unregister(fd)
+            return False
+        self.total_out += len(chunk)
+        self.readers[fd].add(chunk)
+        return self.total_out > self._lim.output_hard_bytes
+
+    def close(self) -> None:
+        self.sel.close()
+        os.close(self.pidfd)
+        if self._control_open:
+            os.close(self._sp.control)
+        _close_pipes(self._sp.proc)
 
 
 def supervise(
@@ -210,103 +302,20 @@ def supervise(
         cpu_base = group.cpu_ns() or 0
         oom_base = group.oom_kills()
 
-    proc = sp.proc
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    writers: dict[int, memoryview] = {sp.control: memoryview(_orders(spec, memory_by_rlimit, env))}
-    stdin_fd = proc.stdin.fileno()
-    if spec.stdin:
-        writers[stdin_fd] = memoryview(spec.stdin)
-    else:
-        proc.stdin.close()
-    readers = {proc.stdout.fileno(): _Stream(lim.output_bytes),
-               proc.stderr.fileno(): _Stream(lim.output_bytes)}
-    out, err = readers[proc.stdout.fileno()], readers[proc.stderr.fileno()]
-    for fd in (*writers, *readers):
-        os.set_blocking(fd, False)
-    for fd in writers:
-        sel.register(fd, selectors.EVENT_WRITE)
-    for fd in readers:
-        sel.register(fd, selectors.EVENT_READ)
-    pidfd = os.pidfd_open(proc.pid)
-    sel.register(pidfd, selectors.EVENT_READ)
-
-    start = time.monotonic()
-    deadline = start + lim.timeout_s
-    stop_reason: str | None = None
-    exited_at: float | None = None
-    total_out = 0
-
-    control_open = True
-
-    def close_fd(fd: int) -> None:
-        nonlocal control_open
-        sel.unregister(fd)
-        if fd == sp.control:
-            os.close(fd)
-            control_open = False
-        elif fd == stdin_fd:
-            proc.stdin.close()  # type: ignore[union-attr]
-
+    pump = _Pump(sp, _orders(spec, memory_by_rlimit, env), spec.stdin, lim)
     try:
-        while readers or exited_at is None:
-            now = time.monotonic()
-            if now >= deadline:
-                stop_reason = "timeout"
-                break
-            wait = deadline - now
-            if exited_at is not None:
-                if now - exited_at >= _STRAGGLER_GRACE_S:
-                    break  # something outlived the program and holds its pipes
-                wait = min(wait, _STRAGGLER_GRACE_S)
-            for key, _mask in sel.select(wait):
-                fd = key.fd
-                if fd == pidfd:
-                    sel.unregister(pidfd)
-                    exited_at = time.monotonic()
-                elif fd in writers:
-                    view = writers[fd]
-                    try:
-                        sent = os.write(fd, view[:_CHUNK])
-                    except BlockingIOError:
-                        continue
-                    except OSError:  # the program closed its end or died: stop feeding
-                        sent = len(view)
-                    writers[fd] = view = view[sent:]
-                    if not view:
-                        del writers[fd]
-                        close_fd(fd)
-                elif fd in readers:
-                    try:
-                        chunk = os.read(fd, _CHUNK)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        del readers[fd]
-                        sel.unregister(fd)
-                        continue
-                    total_out += len(chunk)
-                    readers[fd].add(chunk)
-                    if total_out > lim.output_hard_bytes:
-                        stop_reason = "output"
-                        break
-            if stop_reason is not None:
-                break
+        start = time.monotonic()
+        stop_reason = pump.run(start + lim.timeout_s)
         duration_ms = (time.monotonic() - start) * 1000.0
-        if stop_reason is not None or readers:
+        if stop_reason is not None or pump.readers:
             _kill(sp)
-        exit_code, rusage_cpu_ms = _reap(proc)
+        exit_code, cpu_ms = _reap(sp.proc)
     finally:
-        if proc.returncode is None:  # an error above: never leave a sandbox running
+        if sp.proc.returncode is None:  # an error above: never leave a sandbox running
             _kill(sp)
-            _reap(proc)
-        sel.close()
-        os.close(pidfd)
-        if control_open:
-            os.close(sp.control)
-        _close_pipes(proc)
+            _reap(sp.proc)
+        pump.close()
 
-    cpu_ms = rusage_cpu_ms
     oom = False
     if group is not None:
         cpu_now = group.cpu_ns()
@@ -315,23 +324,32 @@ def supervise(
         oom = group.oom_kills() > oom_base
         group.remove()
 
-    status = _status(stop_reason, exit_code, oom, cpu_ms, lim, memory_by_rlimit, err.data)
+    stopped_for_output = stop_reason == "output"
     return Result(
-        status=status,
+        status=_status(
+            stop_reason,
+            exit_code,
+            oom=oom,
+            cpu_ms=cpu_ms,
+            lim=lim,
+            memory_by_rlimit=memory_by_rlimit,
+            stderr=pump.err.data,
+        ),
         exit_code=exit_code,
-        stdout=bytes(out.data),
-        stderr=bytes(err.data),
-        stdout_truncated=out.truncated or stop_reason == "output",
-        stderr_truncated=err.truncated or stop_reason == "output",
+        stdout=bytes(pump.out.data),
+        stderr=bytes(pump.err.data),
+        stdout_truncated=pump.out.truncated or stopped_for_output,
+        stderr_truncated=pump.err.truncated or stopped_for_output,
         duration_ms=round(duration_ms, 3),
         cpu_ms=None if cpu_ms is None else round(cpu_ms, 3),
         warm=warm,
     )
 
 
-def _status(
+def _status(  # noqa: PLR0911 - one return per status reads best
     stop_reason: str | None,
     exit_code: int,
+    *,
     oom: bool,
     cpu_ms: float | None,
     lim: Limits,

@@ -12,12 +12,11 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from noxsdk.models import ExecutionStatus
-
 from nox_api.engine import cgroups as cgroups_mod
 from nox_api.engine.base import BackendInfo, Limits, Result, RunSpec, SandboxUnavailable
 from nox_api.engine.pool import PoolStats, WarmPool
 from nox_api.engine.process import Launcher, SandboxProcess, spawn, supervise
+from noxsdk.models import ExecutionStatus
 
 __all__ = ["BASE_ENV", "ProcessSandbox"]
 

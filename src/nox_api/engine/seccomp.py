@@ -25,23 +25,59 @@ __all__ = ["BLOCKED_EPERM", "SeccompUnavailable", "compile_filter", "filter_fd"]
 
 BLOCKED_EPERM: tuple[str, ...] = (
     # other processes' memory
-    "ptrace", "process_vm_readv", "process_vm_writev",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
     # mounts and the new mount API, root changes
-    "mount", "umount2", "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree",
-    "mount_setattr", "pivot_root", "chroot",
+    "mount",
+    "umount2",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "pivot_root",
+    "chroot",
     # namespaces
-    "unshare", "setns",
+    "unshare",
+    "setns",
     # kernel keyrings
-    "keyctl", "add_key", "request_key",
+    "keyctl",
+    "add_key",
+    "request_key",
     # large kernel attack surfaces
-    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
     "io_uring_register",
     # kernel modules and kexec
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
     # host administration
-    "acct", "swapon", "swapoff", "reboot", "settimeofday", "clock_settime", "clock_adjtime",
-    "adjtimex", "syslog", "quotactl", "name_to_handle_at", "open_by_handle_at", "vhangup",
-    "iopl", "ioperm", "fanotify_init", "lookup_dcookie",
+    "acct",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "syslog",
+    "quotactl",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "vhangup",
+    "iopl",
+    "ioperm",
+    "fanotify_init",
+    "lookup_dcookie",
 )
 
 _CLONE_NAMESPACE_FLAGS = (
@@ -83,9 +119,7 @@ def compile_filter() -> bytes:
     for flag in _CLONE_NAMESPACE_FLAGS:
         filt.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    filt.add_rule(
-        sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, int(socket.AF_UNIX))
-    )
+    filt.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, int(socket.AF_UNIX)))
     for request in (_TIOCSTI, _TIOCLINUX):
         filt.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
 

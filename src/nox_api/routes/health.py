@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from noxsdk.models import Health
 
 from nox_api._version import __version__
+from noxsdk.models import Health
 
 router = APIRouter(tags=["health"])
 

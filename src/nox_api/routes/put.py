@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, status
-from noxsdk.models import FileInfo
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from nox_api.deps import NoxDep, Runner
-from nox_api.errors import InvalidRequest, PayloadTooLarge
+from nox_api.errors import InvalidPath, InvalidRequest, PayloadTooLarge
 from nox_api.services.files import StagedFile
+from noxsdk.models import FileInfo
 
 router = APIRouter(tags=["files"])
 
@@ -58,7 +58,7 @@ class _Upload:
         self.filename: str | None = None
         self.path_field = bytearray()
         self.files = 0
-        self.error: Exception | None = None
+        self.complete = False  # the closing boundary arrived
 
     # python-multipart callbacks ----------------------------------------------------------
     def on_part_begin(self) -> None:
@@ -88,8 +88,9 @@ class _Upload:
         elif name == "path":
             self.part = "path"
         else:
-            raise InvalidRequest(f"unexpected form field {name[:60]!r}; expected 'file' "
-                                 "and optionally 'path'")
+            raise InvalidRequest(
+                f"unexpected form field {name[:60]!r}; expected 'file' and optionally 'path'"
+            )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.part == "file":
@@ -97,7 +98,10 @@ class _Upload:
         elif self.part == "path":
             self.path_field += data[start:end]
             if len(self.path_field) > _MAX_FIELD_BYTES:
-                raise InvalidRequest(f"the 'path' field is longer than {_MAX_FIELD_BYTES} bytes")
+                raise InvalidPath(f"the 'path' field is longer than {_MAX_FIELD_BYTES} bytes")
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -107,6 +111,7 @@ class _Upload:
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
         }
 
 
@@ -125,7 +130,7 @@ def _boundary(request: Request) -> bytes:
     response_model=FileInfo,
     openapi_extra=_UPLOAD_BODY,
     summary="Upload a file into the workspace",
-    responses={  # type: ignore[dict-item]
+    responses={
         400: {"description": "Bad form or invalid_path"},
         409: {"description": "The target is a folder"},
         413: {"description": "The file is above the server's upload limit"},
@@ -148,6 +153,8 @@ async def put(request: Request, nox: NoxDep, caller: Runner) -> FileInfo:
             raise InvalidRequest("the client went away before the upload ended") from None
         except MultipartParseError as exc:
             raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
+        if not upload.complete:
+            raise InvalidRequest("the upload ended before the closing multipart boundary")
         if upload.files == 0:
             raise InvalidRequest("the form has no 'file' part (curl -F file=@NAME)")
         target = upload.path_field.decode("utf-8", "replace") or upload.filename

@@ -7,9 +7,9 @@ sandbox supervision belongs. User code failing is still HTTP 200; ``status`` tel
 from __future__ import annotations
 
 from fastapi import APIRouter
-from noxsdk.models import Execution, RunPython, RunShell
 
 from nox_api.deps import NoxDep, RequestIdDep, Runner
+from noxsdk.models import Execution, RunPython, RunShell
 
 router = APIRouter(tags=["run"])
 
@@ -22,13 +22,21 @@ _ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
-@router.post("/run_py", response_model=Execution, responses=_ERRORS,  # type: ignore[arg-type]
-             summary="Run Python code in a sandbox")
+@router.post(
+    "/run_py",
+    response_model=Execution,
+    responses=_ERRORS,
+    summary="Run Python code in a sandbox",
+)
 def run_py(body: RunPython, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
     return nox.executions.run(caller, body, request_id)
 
 
-@router.post("/run_sh", response_model=Execution, responses=_ERRORS,  # type: ignore[arg-type]
-             summary="Run a shell command (/bin/sh -c) in a sandbox")
+@router.post(
+    "/run_sh",
+    response_model=Execution,
+    responses=_ERRORS,
+    summary="Run a shell command (/bin/sh -c) in a sandbox",
+)
 def run_sh(body: RunShell, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
     return nox.executions.run(caller, body, request_id)

@@ -7,8 +7,6 @@ import math
 import secrets
 from datetime import UTC, datetime
 
-from noxsdk.models import EffectiveLimits, Execution, ExecutionKind, RunPython, RunShell
-
 from nox_api.config import Settings
 from nox_api.engine.base import Limits, RunSpec, Sandbox, SandboxUnavailable
 from nox_api.errors import InvalidRequest, PayloadTooLarge, SandboxUnavailableError
@@ -16,6 +14,7 @@ from nox_api.services.files import Workspaces
 from nox_api.services.tokens import Principal
 from nox_api.storage.db import Database
 from nox_api.storage.models import ExecutionRow
+from noxsdk.models import EffectiveLimits, Execution, ExecutionKind, RunPython, RunShell
 
 __all__ = ["ExecutionService"]
 

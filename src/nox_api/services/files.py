@@ -22,10 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from noxsdk.models import FileInfo
-
 from nox_api.errors import Conflict, InvalidPath, PayloadTooLarge
 from nox_api.services.tokens import validate_workspace_name
+from noxsdk.models import FileInfo
 
 __all__ = ["StagedFile", "Workspaces", "split_path"]
 
@@ -41,15 +40,16 @@ def split_path(rel: str) -> list[str]:
     paths over 4096 characters, and ``..`` that would climb above the workspace. ``a/../b`` is
     ``b``; ``.`` and empty components are dropped.
     """
-    if not rel or not rel.strip("/. "):
+    if not rel or not rel.strip():
         raise InvalidPath("the path is empty")
     if len(rel) > MAX_PATH_CHARS:
         raise InvalidPath(f"the path is longer than {MAX_PATH_CHARS} characters")
     if "\x00" in rel:
         raise InvalidPath("the path contains a NUL byte")
     if rel.startswith("/"):
-        raise InvalidPath(f"absolute paths are not allowed: {rel[:200]!r}; give a path "
-                          "relative to the workspace")
+        raise InvalidPath(
+            f"absolute paths are not allowed: {rel[:200]!r}; give a path relative to the workspace"
+        )
     parts: list[str] = []
     for part in rel.split("/"):
         if part in ("", "."):
@@ -137,8 +137,9 @@ class Workspaces:
             except FileNotFoundError:
                 existing = None
             if existing is not None and stat.S_ISDIR(existing.st_mode):
-                raise Conflict(f"{'/'.join(parts)} is a folder; delete it first or choose "
-                               "another path")
+                raise Conflict(
+                    f"{'/'.join(parts)} is a folder; delete it first or choose another path"
+                )
             os.rename(staged.path, parts[-1], dst_dir_fd=dir_fd)
             st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
         finally:

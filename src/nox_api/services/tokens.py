@@ -27,7 +27,7 @@ __all__ = [
     "validate_workspace_name",
 ]
 
-TOKEN_PREFIX = "nox_"  # lets secret scanners recognise a leaked Nox token
+TOKEN_PREFIX = "nox_"  # noqa: S105 - a prefix, not a secret; lets secret scanners recognise a leaked Nox token
 DEFAULT_WORKSPACE = "default"
 _WORKSPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(r"^[\w .@:/+-]{1,128}$")

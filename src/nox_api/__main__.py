@@ -1,0 +1,3 @@
+from nox_api.cli import main
+
+main()

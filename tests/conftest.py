@@ -1,0 +1,96 @@
+"""Shared fixtures: each test gets its own data folder, settings and app.
+
+``client`` runs the app in-process on the in-memory fake sandbox (fast). ``bwrap_client`` runs it
+on the real bubblewrap backend (marked ``sandbox``; CI always runs those too).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nox_api.app import create_app
+from nox_api.config import Settings, load_settings
+from nox_api.engine.fake import FakeSandbox
+from nox_api.services.tokens import Role, TokenService
+from nox_api.storage.db import Database
+
+SANDBOX_ROOT = Path(os.environ.get("NOX_TEST_TMP", "/tmp"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's NOX_* variables."""
+    for name in list(os.environ):
+        if name.startswith("NOX_") and name != "NOX_TEST_TMP":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A fresh data folder. Not under pytest's tmp_path: that may sit below a 0700 home folder,
+    and the sandbox user must be able to reach the workspaces."""
+    folder = Path(tempfile.mkdtemp(prefix="nox-test-", dir=os.path.realpath(SANDBOX_ROOT)))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return load_settings(data_dir=data_dir, pool_size=0)
+
+
+@pytest.fixture
+def fake() -> FakeSandbox:
+    return FakeSandbox()
+
+
+def _token(settings: Settings, role: Role, workspace: str = "default") -> str:
+    db = Database(settings.sqlalchemy_url)
+    db.migrate()
+    try:
+        return TokenService(db).create(f"test-{role.value}", role, workspace).secret
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def admin_token(settings: Settings) -> str:
+    return _token(settings, Role.ADMIN)
+
+
+@pytest.fixture
+def make_token(settings: Settings):  # type: ignore[no-untyped-def]
+    def make(role: Role = Role.RUNNER, workspace: str = "default") -> str:
+        return _token(settings, role, workspace)
+
+    return make
+
+
+@pytest.fixture
+def client(settings: Settings, fake: FakeSandbox, admin_token: str) -> Iterator[TestClient]:
+    app = create_app(settings, sandbox=fake)
+    with TestClient(app, headers={"Authorization": f"Bearer {admin_token}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def bwrap_settings(data_dir: Path) -> Settings:
+    return load_settings(data_dir=data_dir, pool_size=1)
+
+
+@pytest.fixture
+def bwrap_client(bwrap_settings: Settings) -> Iterator[TestClient]:
+    token = _token(bwrap_settings, Role.ADMIN)
+    app = create_app(bwrap_settings)
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
+        info = c.app.state.nox.sandbox.info()  # type: ignore[attr-defined]
+        assert info.available, f"the bubblewrap sandbox must work on this machine: {info.reason}"
+        yield c

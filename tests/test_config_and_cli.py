@@ -1,0 +1,116 @@
+"""Settings validation and the nox-api command line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nox_api.cli import app as cli_app
+from nox_api.config import Settings, load_settings
+from nox_api.errors import ConfigError
+from nox_api.services.tokens import Role, TokenService
+from nox_api.storage.db import Database
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_safe() -> None:
+    s = load_settings()
+    assert s.host == "127.0.0.1"
+    assert s.port == 8080
+    assert s.sandbox_backend == "bwrap"
+    assert s.sqlalchemy_url.startswith("sqlite:///")
+    assert s.sqlalchemy_url.endswith("/data/nox.db")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("NOX_PORT", "eighty", "NOX_PORT: Input should be a valid integer"),
+        ("NOX_PORT", "70000", "NOX_PORT: Input should be less than or equal to 65535"),
+        ("NOX_SANDBOX_BACKEND", "docker", "NOX_SANDBOX_BACKEND: Input should be 'bwrap' or"),
+        ("NOX_POOL_SIZE", "-1", "NOX_POOL_SIZE"),
+        ("NOX_SANDBOX_PYTHON", "/nonexistent/python", "is not an executable interpreter"),
+        ("NOX_DEFAULT_TIMEOUT_S", "100", "above NOX_MAX_TIMEOUT_S"),
+    ],
+)
+def test_a_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert fragment in info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_the_token_value_is_never_echoed_in_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOX_API_TOKEN", "x")
+    monkeypatch.setenv("NOX_PORT", "bad")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "'x'" not in info.value.message
+
+
+def test_serve_with_a_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox_api", "serve"],
+        env={"NOX_PORT": "eighty", "NOX_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "nox-api: configuration error: NOX_PORT: Input should be a valid integer, unable to "
+        "parse string as an integer (got 'eighty')"
+    ]
+
+
+def test_token_create_prints_a_working_token(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    monkeypatch.setenv("NOX_DATA_DIR", str(settings.data_dir))
+    result = CliRunner().invoke(cli_app, ["token", "create", "--role", "admin", "--name", "ci"])
+    assert result.exit_code == 0, result.output
+    secret = result.output.strip()
+    assert re.fullmatch(r"nox_[A-Za-z0-9_-]{43}", secret)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        principal = TokenService(db).authenticate(secret)
+    finally:
+        db.close()
+    assert principal is not None
+    assert (principal.name, principal.role, principal.workspace) == ("ci", Role.ADMIN, "default")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--role", "root", "--name", "x"], "--role must be one of viewer, runner, admin"),
+        (["--role", "admin", "--name", "bad\nname"], "token name must be"),
+        (["--name", "x", "--workspace", "../etc"], "workspace name"),
+    ],
+)
+def test_token_create_refuses_bad_input(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, args: list[str], fragment: str
+) -> None:
+    monkeypatch.setenv("NOX_DATA_DIR", str(settings.data_dir))
+    result = CliRunner().invoke(cli_app, ["token", "create", *args])
+    assert result.exit_code == 2
+    assert fragment in result.output
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `(NOX_[A-Z0-9_]+)` \|", doc, flags=re.MULTILINE))
+    expected = {f"NOX_{name.upper()}" for name in Settings.model_fields}
+    assert documented == expected
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no description"

@@ -1,0 +1,193 @@
+"""/run_py and /run_sh on the fake sandbox: validation, limits, history, errors."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from nox_api.app import create_app
+from nox_api.config import Settings, load_settings
+from nox_api.engine.base import RunSpec
+from nox_api.engine.fake import FakeSandbox
+from nox_api.storage.models import ExecutionRow
+
+
+def test_run_py_answers_an_execution(client: TestClient, fake: FakeSandbox) -> None:
+    resp = client.post("/run_py", json={"code": "print('hi')"}, headers={"X-Request-ID": "r-1"})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["kind"] == "python"
+    assert body["status"] == "ok"
+    assert body["exit_code"] == 0
+    assert body["stdout"] == "hi\n"
+    assert body["workspace"] == "default"
+    assert body["actor"] == "test-admin"
+    assert body["request_id"] == "r-1"
+    assert body["limits"]["timeout_s"] == 10.0
+    assert body["limits"]["cpu_s"] == 10
+    assert "code" not in body
+    assert fake.runs[0].kind == "python"
+
+
+def test_exit_code_is_reported_with_http_200(client: TestClient) -> None:
+    resp = client.post("/run_sh", json={"cmd": "exit 3"})
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "error"
+    assert resp.json()["exit_code"] == 3
+
+
+def test_stdin_env_and_limits_reach_the_sandbox(client: TestClient, fake: FakeSandbox) -> None:
+    resp = client.post(
+        "/run_sh",
+        json={
+            "cmd": "cat",
+            "stdin": "data\n",
+            "env": {"FOO": "bar"},
+            "timeout_s": 2.5,
+            "memory_mib": 64,
+        },
+    )
+    assert resp.json()["stdout"] == "data\n"
+    spec: RunSpec = fake.runs[-1]
+    assert spec.stdin == b"data\n"
+    assert dict(spec.env) == {"FOO": "bar"}
+    assert spec.limits.timeout_s == 2.5
+    assert spec.limits.cpu_s == 3  # the wall time rounded up
+    assert spec.limits.memory_mib == 64
+    assert spec.workspace.name == "default"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"code": "print(1)", "timeout_s": 61}, "timeout_s 61 is above this server's maximum"),
+        ({"code": "print(1)", "memory_mib": 4096}, "memory_mib 4096 is above"),
+        ({"code": "print(1)", "memory_mib": 8}, "at least 16"),
+        ({"code": "   "}, "code is empty"),
+        ({"code": "print(1)\x00"}, "NUL"),
+    ],
+)
+def test_bad_limits_and_code_are_refused_with_400(
+    client: TestClient, fake: FakeSandbox, body: dict[str, object], fragment: str
+) -> None:
+    resp = client.post("/run_py", json=body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_request"
+    assert fragment in resp.json()["error"]["message"]
+    assert fake.runs == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "code: Field required"),
+        ({"code": 5}, "code: Input should be a valid string"),
+        ({"code": "x", "timeout": 5}, "timeout: Extra inputs are not permitted"),
+        ({"code": "x", "timeout_s": -1}, "timeout_s: Input should be greater than 0"),
+        ({"code": "x", "env": {"1BAD": "x"}}, "must match"),
+        ({"code": "x", "env": {"A": "x\x00y"}}, "NUL"),
+    ],
+)
+def test_malformed_bodies_are_422_invalid_request(
+    client: TestClient, body: dict[str, object], fragment: str
+) -> None:
+    resp = client.post("/run_py", json=body)
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_request"
+    assert fragment in resp.json()["error"]["message"]
+
+
+def test_not_json_is_422(client: TestClient) -> None:
+    resp = client.post(
+        "/run_py", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_request"
+
+
+def test_code_above_the_size_limit_is_413(data_dir, fake: FakeSandbox, make_token) -> None:  # type: ignore[no-untyped-def]
+    settings = load_settings(data_dir=data_dir, max_code_bytes=1000, pool_size=0)
+    with TestClient(create_app(settings, sandbox=fake)) as c:
+        token = make_token()
+        big = c.post(
+            "/run_py", json={"code": "#" * 1001}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "payload_too_large"
+        assert "1001 bytes" in big.json()["error"]["message"]
+        ok = c.post(
+            "/run_py", json={"code": "#" * 1000}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert ok.status_code == 200
+    assert len(fake.runs) == 1
+
+
+def test_body_far_above_the_limit_is_refused_before_it_is_read(
+    client: TestClient, fake: FakeSandbox, settings: Settings
+) -> None:
+    huge = b'{"code": "' + b"#" * (settings.max_code_bytes + settings.max_stdin_bytes + 300_000)
+    resp = client.post(
+        "/run_py", content=huge + b'"}', headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "payload_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"code": "'
+        for _ in range(40):
+            yield b"#" * 65536  # no Content-Length: counted as it streams
+        yield b'"}'
+
+    streamed = client.post(
+        "/run_py", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert fake.runs == []
+
+
+def test_every_run_is_saved_to_history(client: TestClient) -> None:
+    first = client.post("/run_py", json={"code": "print(1)"}).json()
+    client.post("/run_sh", json={"cmd": "exit 4", "stdin": "in"})
+    nox = client.app.state.nox  # type: ignore[attr-defined]
+    with nox.db.session() as session:
+        rows = session.scalars(select(ExecutionRow).order_by(ExecutionRow.started_at)).all()
+        assert [(r.kind, r.status, r.exit_code, r.code) for r in rows] == [
+            ("python", "ok", 0, "print(1)"),
+            ("shell", "error", 4, "exit 4"),
+        ]
+        assert rows[0].id == first["id"]
+        assert rows[0].actor_id is not None
+        assert rows[0].started_at.tzinfo is not None
+        assert rows[0].limits is not None
+
+
+def test_sandbox_unavailable_is_503_with_the_fix(settings: Settings, admin_token: str) -> None:
+    broken = FakeSandbox(unavailable="bubblewrap is not installed: install it with apt-get")
+    app = create_app(settings, sandbox=broken)
+    with TestClient(app, headers={"Authorization": f"Bearer {admin_token}"}) as c:
+        resp = c.post("/run_py", json={"code": "print(1)"})
+        assert resp.status_code == 503
+        assert resp.json()["error"] == {
+            "code": "sandbox_unavailable",
+            "message": "bubblewrap is not installed: install it with apt-get",
+            "request_id": resp.headers["X-Request-ID"],
+        }
+        assert c.get("/health").status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500_without_a_trace(
+    settings: Settings, admin_token: str
+) -> None:
+    def explode(spec: RunSpec):  # type: ignore[no-untyped-def]
+        raise RuntimeError("secret internals")
+
+    app = create_app(settings, sandbox=FakeSandbox(handler=explode))
+    with TestClient(
+        app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {admin_token}"}
+    ) as c:
+        resp = c.post("/run_py", json={"code": "print(1)"})
+        assert resp.status_code == 500
+        assert resp.json()["error"]["code"] == "internal"
+        assert "secret internals" not in resp.text
+        assert "Traceback" not in resp.text
