@@ -1,0 +1,94 @@
+"""The README's path, for real: `nox-api serve` in a subprocess on 127.0.0.1, its printed admin
+token, runs in bubblewrap, an upload read back from code, and a restart that keeps the data."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+pytestmark = pytest.mark.sandbox
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _server(data_dir: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "NOX_DATA_DIR": str(data_dir),
+        "NOX_PORT": str(port),
+        "NOX_POOL_SIZE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox_api", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+            assert proc.poll() is None, "the server exited during start-up"
+        else:
+            pytest.fail("the server did not answer /health within 30 s")
+        yield proc, lines
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        lines.extend(out.splitlines())
+
+
+def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with _server(data_dir, port) as (_proc, lines):
+        pass
+    tokens = [m.group(0) for line in lines for m in re.finditer(r"nox_[A-Za-z0-9_-]{43}", line)]
+    assert len(tokens) == 1, lines
+    auth = {"Authorization": f"Bearer {tokens[0]}"}
+
+    with _server(data_dir, port) as (_proc, lines2):
+        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+            py = c.post("/run_py", json={"code": "import os; print(os.getuid(), os.getcwd())"})
+            assert py.status_code == 200, py.text
+            assert py.json()["stdout"] == "65534 /workspace\n"
+            sh = c.post("/run_sh", json={"cmd": "echo hi; exit 2"})
+            assert (sh.json()["stdout"], sh.json()["exit_code"]) == ("hi\n", 2)
+            put = c.post(
+                "/put", files={"file": ("data.csv", b"a,b\n1,2\n")}, data={"path": "input/data.csv"}
+            )
+            assert put.status_code == 201, put.text
+            read = c.post("/run_py", json={"code": "print(open('input/data.csv').read())"})
+            assert read.json()["stdout"] == "a,b\n1,2\n\n"
+            assert (
+                c.post(
+                    "/run_py", json={"code": "1"}, headers={"Authorization": "Bearer x"}
+                ).status_code
+                == 401
+            )
+    assert not any(re.search(r"nox_[A-Za-z0-9_-]{43}", line) for line in lines2), lines2
