@@ -72,23 +72,23 @@ def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
     assert len(tokens) == 1, lines
     auth = {"Authorization": f"Bearer {tokens[0]}"}
 
-    with _server(data_dir, port) as (_proc, lines2):
-        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
-            py = c.post("/run_py", json={"code": "import os; print(os.getuid(), os.getcwd())"})
-            assert py.status_code == 200, py.text
-            assert py.json()["stdout"] == "65534 /workspace\n"
-            sh = c.post("/run_sh", json={"cmd": "echo hi; exit 2"})
-            assert (sh.json()["stdout"], sh.json()["exit_code"]) == ("hi\n", 2)
-            put = c.post(
-                "/put", files={"file": ("data.csv", b"a,b\n1,2\n")}, data={"path": "input/data.csv"}
-            )
-            assert put.status_code == 201, put.text
-            read = c.post("/run_py", json={"code": "print(open('input/data.csv').read())"})
-            assert read.json()["stdout"] == "a,b\n1,2\n\n"
-            assert (
-                c.post(
-                    "/run_py", json={"code": "1"}, headers={"Authorization": "Bearer x"}
-                ).status_code
-                == 401
-            )
+    with (
+        _server(data_dir, port) as (_proc, lines2),
+        httpx.Client(base_url=base, headers=auth, timeout=30) as c,
+    ):
+        py = c.post("/run_py", json={"code": "import os; print(os.getuid(), os.getcwd())"})
+        assert py.status_code == 200, py.text
+        assert py.json()["stdout"] == "65534 /workspace\n"
+        sh = c.post("/run_sh", json={"cmd": "echo hi; exit 2"})
+        assert (sh.json()["stdout"], sh.json()["exit_code"]) == ("hi\n", 2)
+        put = c.post(
+            "/put", files={"file": ("data.csv", b"a,b\n1,2\n")}, data={"path": "input/data.csv"}
+        )
+        assert put.status_code == 201, put.text
+        read = c.post("/run_py", json={"code": "print(open('input/data.csv').read())"})
+        assert read.json()["stdout"] == "a,b\n1,2\n\n"
+        assert (
+            c.post("/run_py", json={"code": "1"}, headers={"Authorization": "Bearer x"}).status_code
+            == 401
+        )
     assert not any(re.search(r"nox_[A-Za-z0-9_-]{43}", line) for line in lines2), lines2
