@@ -14,8 +14,11 @@ so no process of a sandbox ever runs outside it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from pathlib import Path
 __all__ = ["Cgroup", "CgroupManager", "detect"]
 
 _PREFIX = "nox-sb-"
+
+log = logging.getLogger("nox.engine.cgroups")
 
 
 def _own_paths() -> dict[str, str]:
@@ -178,13 +183,35 @@ class Cgroup:
 
 
 class CgroupManager:
-    """Creates sandbox groups below the server's own group."""
+    """Creates sandbox groups below the server's own group, and removes them off the request
+    path: deleting a memory cgroup takes several milliseconds, a run's answer need not wait."""
 
     def __init__(self, version: str, memory_root: Path, pids_root: Path, cpu_root: Path | None):
         self.version = version
         self._memory_root = memory_root
         self._pids_root = pids_root
         self._cpu_root = cpu_root
+        self._doomed: queue.SimpleQueue[Cgroup] = queue.SimpleQueue()
+        self._janitor: threading.Thread | None = None
+        self._janitor_lock = threading.Lock()
+
+    def release(self, group: Cgroup) -> None:
+        """Kill what is left in ``group`` and remove it in the background."""
+        with self._janitor_lock:
+            if self._janitor is None:
+                self._janitor = threading.Thread(
+                    target=self._remove_forever, name="nox-cgroup-janitor", daemon=True
+                )
+                self._janitor.start()
+        self._doomed.put(group)
+
+    def _remove_forever(self) -> None:
+        while True:
+            group = self._doomed.get()
+            try:
+                group.remove()
+            except Exception:  # never let one stuck group stop the janitor
+                log.exception("removing cgroup %s failed", group.memory)
 
     def create(self, sandbox_id: str) -> Cgroup:
         name = _PREFIX + sandbox_id

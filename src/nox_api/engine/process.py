@@ -66,7 +66,14 @@ class SandboxProcess:
     control: int
     workspace: Path
     cgroup: Cgroup | None
+    cgroups: CgroupManager | None = None
     created: float = field(default_factory=time.monotonic)
+
+    def release_cgroup(self) -> None:
+        if self.cgroup is not None and self.cgroups is not None:
+            self.cgroups.release(self.cgroup)
+        elif self.cgroup is not None:
+            self.cgroup.remove()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -77,8 +84,7 @@ class SandboxProcess:
         _kill(self)
         _reap(self.proc)
         _close_pipes(self.proc)
-        if self.cgroup is not None:
-            self.cgroup.remove()
+        self.release_cgroup()
 
 
 def spawn(
@@ -122,7 +128,7 @@ def spawn(
         os.close(control_r)
         if seccomp_fd is not None:
             os.close(seccomp_fd)
-    return SandboxProcess(proc, control_w, workspace, group)
+    return SandboxProcess(proc, control_w, workspace, group, cgroups)
 
 
 def _orders(spec: RunSpec, memory_by_rlimit: bool, env: Mapping[str, str]) -> bytes:
@@ -322,7 +328,7 @@ def supervise(
         if cpu_now is not None:
             cpu_ms = (cpu_now - cpu_base) / 1e6
         oom = group.oom_kills() > oom_base
-        group.remove()
+        sp.release_cgroup()
 
     stopped_for_output = stop_reason == "output"
     return Result(
