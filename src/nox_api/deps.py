@@ -18,10 +18,13 @@ from nox_api.services.tokens import Principal, Role
 from nox_api.state import Nox
 
 __all__ = [
-    "PUBLIC_ROUTES",
+    "Admin",
     "NoxDep",
+    "PUBLIC_ROUTES",
     "Permission",
+    "Reader",
     "RequestIdDep",
+    "Runner",
     "require",
 ]
 

@@ -11,5 +11,5 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health, summary="Liveness check (no token needed)")
-def health() -> Health:
+async def health() -> Health:
     return Health(status="ok", version=__version__)

@@ -19,10 +19,10 @@ from nox_api.storage.models import TokenRow
 
 __all__ = [
     "DEFAULT_WORKSPACE",
-    "TOKEN_PREFIX",
     "IssuedToken",
     "Principal",
     "Role",
+    "TOKEN_PREFIX",
     "TokenService",
     "validate_workspace_name",
 ]
