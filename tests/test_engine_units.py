@@ -160,3 +160,17 @@ def test_pool_of_size_zero_never_spawns(tmp_path: Path) -> None:
     assert pool.take(tmp_path) is None
     pool.prewarm(tmp_path)
     pool.close()
+
+
+def test_cgroups_of_live_servers_are_not_stale() -> None:
+    import os
+    import subprocess
+
+    from nox_api.engine.cgroups import _owner_alive
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert _owner_alive(f"nox-sb-{os.getpid()}-abc")
+    assert _owner_alive("nox-sb-1-abc")  # pid 1 always runs
+    assert not _owner_alive(f"nox-sb-{dead.pid}-abc")
+    assert not _owner_alive("nox-sb-0123abcd")  # not of this naming scheme

@@ -42,7 +42,13 @@ def _apply_limits(limits: dict) -> None:  # type: ignore[type-arg]
 
 
 def _run_python(code: str) -> None:
+    import _sitebuiltins
+    import builtins
     import types
+
+    # -S skips `site`, which is what defines exit() and quit(); programs expect them.
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
 
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = __builtins__

@@ -214,7 +214,9 @@ class CgroupManager:
                 log.exception("removing cgroup %s failed", group.memory)
 
     def create(self, sandbox_id: str) -> Cgroup:
-        name = _PREFIX + sandbox_id
+        # The server's pid in the name tells whose group it is: several servers (blue and
+        # green during a release, say) may share a parent group.
+        name = f"{_PREFIX}{os.getpid()}-{sandbox_id}"
         memory = self._memory_root / name
         pids = self._pids_root / name
         cpu = self._cpu_root / name if self._cpu_root is not None else None
@@ -224,18 +226,40 @@ class CgroupManager:
         return group
 
     def cleanup_stale(self) -> int:
-        """Kill and remove groups left by an earlier server that died; returns how many."""
+        """Kill and remove groups left by servers that died; returns how many. Groups of a
+        server that is still running are left alone."""
         roots = {self._memory_root, self._pids_root}
         if self._cpu_root is not None:
             roots.add(self._cpu_root)
         names: set[str] = set()
         for root in roots:
             with contextlib.suppress(OSError):
-                names.update(p.name for p in root.iterdir() if p.name.startswith(_PREFIX))
+                names.update(
+                    p.name
+                    for p in root.iterdir()
+                    if p.name.startswith(_PREFIX) and not _owner_alive(p.name)
+                )
         for name in names:
             cpu = self._cpu_root / name if self._cpu_root is not None else None
             Cgroup(self.version, self._memory_root / name, self._pids_root / name, cpu).remove()
         return len(names)
+
+
+def _owner_alive(name: str) -> bool:
+    """Is the server that created group ``name`` (``nox-sb-<pid>-<id>``) still running?"""
+    pid_text = name.removeprefix(_PREFIX).partition("-")[0]
+    if not pid_text.isdigit():
+        return False  # an older naming scheme or garbage: nobody owns it
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _probe(folder: Path) -> bool:
