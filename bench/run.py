@@ -71,7 +71,7 @@ class Plan:
 
 FULL = Plan("full", warmup=20, requests_c1=200, requests_c4=400, bare_runs=200, rss_runs=1000,
             rss_batch=100, big_print_mib=1024)  # fmt: skip
-QUICK = Plan("quick", warmup=5, requests_c1=30, requests_c4=60, bare_runs=40, rss_runs=100,
+QUICK = Plan("quick", warmup=5, requests_c1=25, requests_c4=50, bare_runs=40, rss_runs=100,
              rss_batch=50, big_print_mib=1024)  # fmt: skip
 
 
@@ -109,7 +109,11 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def summarize(seconds: list[float]) -> Stats:
-    ms = sorted(s * 1000.0 for s in seconds)
+    return summarize_ms([s * 1000.0 for s in seconds])
+
+
+def summarize_ms(values_ms: list[float]) -> Stats:
+    ms = sorted(values_ms)
     if not ms:
         return Stats(0, math.nan, math.nan, math.nan, math.nan, math.nan)
     return Stats(
@@ -273,19 +277,21 @@ class Server:
 
 
 # -- driving load ----------------------------------------------------------------------------
-def check_answer(response: httpx2.Response, work: Workload) -> str | None:
-    """None when the answer is right, else a short description of what was wrong."""
+def check_answer(response: httpx2.Response, work: Workload) -> tuple[str | None, float | None]:
+    """(None, the server's ``duration_ms``) when the answer is right, else a short description
+    of what was wrong."""
     if response.status_code != 200:
-        return f"HTTP {response.status_code}"
+        return f"HTTP {response.status_code}", None
     try:
         data = response.json()
     except ValueError:
-        return "answer is not JSON"
+        return "answer is not JSON", None
     if data.get("status") != "ok":
-        return f"run status {data.get('status')!r}"
+        return f"run status {data.get('status')!r}", None
     if data.get("stdout") != work.expected_stdout:
-        return "wrong stdout"
-    return None
+        return "wrong stdout", None
+    duration = data.get("duration_ms")
+    return None, float(duration) if isinstance(duration, int | float) else None
 
 
 @dataclass
@@ -293,6 +299,7 @@ class Batch:
     """What one burst of requests produced."""
 
     latencies_s: list[float] = field(default_factory=list)
+    run_ms: list[float] = field(default_factory=list)  # the server's duration_ms of each run
     failures: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -303,6 +310,7 @@ class Batch:
 
     def merge(self, other: Batch) -> None:
         self.latencies_s += other.latencies_s
+        self.run_ms += other.run_ms
         self.failures.update(other.failures)
         for kind, text in other.examples.items():
             self.examples.setdefault(kind, text)
@@ -335,13 +343,15 @@ def drive(server: Server, work: Workload, concurrency: int, requests: int) -> Ba
                 began = time.perf_counter()
                 try:
                     response = client.post(work.route, json=work.body)
-                    problem = check_answer(response, work)
+                    problem, run_ms = check_answer(response, work)
                     detail = response.text[:300]
                 except httpx2.HTTPError as exc:
-                    problem, detail = type(exc).__name__, str(exc)[:300]
+                    problem, detail, run_ms = type(exc).__name__, str(exc)[:300], None
                 elapsed = time.perf_counter() - began
                 if problem is None:
                     mine.latencies_s.append(elapsed)
+                    if run_ms is not None:
+                        mine.run_ms.append(run_ms)
                 else:
                     mine.failures[problem] += 1
                     mine.examples.setdefault(problem, detail)
@@ -375,6 +385,7 @@ class Cell:
     failed: int
     failures: dict[str, str]
     latency: Stats
+    server_duration: Stats  # the answers' duration_ms: the run itself, as the server timed it
     wall_s: float
     runs_per_s: float
     server_cpu_ms_per_run: float
@@ -400,6 +411,7 @@ def measure_cell(
         failed=sum(batch.failures.values()),
         failures={f"{k} x{n}": batch.examples[k] for k, n in batch.failures.items()},
         latency=summarize(batch.latencies_s),
+        server_duration=summarize_ms(batch.run_ms),
         wall_s=batch.wall_s,
         runs_per_s=batch.ok / batch.wall_s if batch.wall_s > 0 else 0.0,
         server_cpu_ms_per_run=(cpu_after.server_s - cpu_before.server_s) * 1000 / done,
@@ -409,8 +421,9 @@ def measure_cell(
     lat = cell.latency
     print(
         f"  {server.name:>4} {work.route} c={concurrency}: n={requests} failed={cell.failed} "
-        f"mean {lat.mean_ms:.2f} p50 {lat.p50_ms:.2f} p99 {lat.p99_ms:.2f} ms, "
-        f"{cell.runs_per_s:.1f} runs/s, server CPU {cell.server_cpu_ms_per_run:.2f} ms/run, "
+        f"mean {lat.mean_ms:.2f} p50 {lat.p50_ms:.2f} p99 {lat.p99_ms:.2f} ms "
+        f"(duration_ms p50 {cell.server_duration.p50_ms:.2f}), {cell.runs_per_s:.1f} runs/s, "
+        f"server CPU {cell.server_cpu_ms_per_run:.2f} ms/run, "
         f"sandbox CPU {cell.sandbox_cpu_ms_per_run:.2f} ms/run",
         file=sys.stderr,
     )
@@ -709,19 +722,22 @@ def render_markdown(r: Report) -> str:
         "### Latency, end to end over HTTP (ms)",
         "",
         "One keep-alive `httpx2` client per worker thread; only correct answers (HTTP 200, "
-        "`status` ok, the right stdout) count in the latency figures.",
+        "`status` ok, the right stdout) count in the latency figures. Run `duration_ms`: the "
+        "run itself as the server timed it (reported in each answer). Server CPU: CPU time of "
+        "the `nox-api serve` process per request, the warm pool's refills included; sandbox CPU: "
+        "CPU time of its reaped children (setpriv, bwrap, the interpreter) per request.",
         "",
-        "| server | route | concurrency | requests | failed | mean | p50 | p99 | max | runs/s "
-        "| server CPU ms/run | sandbox CPU ms/run |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| server | route | concurrency | requests | failed | mean | p50 | p99 | max "
+        "| run `duration_ms` p50 | runs/s | server CPU ms/run | sandbox CPU ms/run |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in r.cells:
         lat = c.latency
         lines.append(
             f"| {c.server} | `{c.route}` | {c.concurrency} | {c.requests} | {c.failed} "
             f"| {_f(lat.mean_ms)} | {_f(lat.p50_ms)} | {_f(lat.p99_ms)} | {_f(lat.max_ms)} "
-            f"| {_f(c.runs_per_s, 1)} | {_f(c.server_cpu_ms_per_run)} "
-            f"| {_f(c.sandbox_cpu_ms_per_run)} |"
+            f"| {_f(c.server_duration.p50_ms)} | {_f(c.runs_per_s, 1)} "
+            f"| {_f(c.server_cpu_ms_per_run)} | {_f(c.sandbox_cpu_ms_per_run)} |"
         )
     failures = [(c, kind, text) for c in r.cells for kind, text in c.failures.items()]
     if failures:
@@ -772,7 +788,8 @@ def write_section(path: Path, section: str) -> None:
         text = path.read_text()
         start, end = text.find(SECTION_START), text.find(SECTION_END)
         if start != -1 and end > start:
-            text = text[:start] + section + text[end + len(SECTION_END) :].lstrip("\n")
+            rest = text[end + len(SECTION_END) :].lstrip("\n")
+            text = text[:start] + section + ("\n" + rest if rest else "")
         else:
             text = text.rstrip("\n") + "\n\n" + section
     else:
@@ -840,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in background
 
     started = datetime.now(UTC)
     clock = time.monotonic()

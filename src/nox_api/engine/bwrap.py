@@ -99,7 +99,11 @@ class BwrapLauncher:
         argv += [
             "--size", str(limits.tmp_size_mib * MIB), "--tmpfs", "/tmp",
             "--bind", str(workspace), "/workspace", "--chdir", "/workspace",
-            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/",
+            "--proc", "/proc", "--dev", "/dev",
+            # bwrap's /dev is a writable tmpfs without a size: keep only /dev/shm writable
+            # (multiprocessing needs it), capped like /tmp, and make the rest read-only.
+            "--size", str(limits.tmp_size_mib * MIB), "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev", "--remount-ro", "/",
         ]  # fmt: skip
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
@@ -110,9 +114,13 @@ class BwrapLauncher:
         return {}
 
     def prepare_workspace(self, workspace: Path) -> None:
+        """As root: the workspace folder belongs to root and the sandbox group (mode 0770), so
+        sandboxed code can fill it but cannot chmod it shut for the runs after it."""
         if os.geteuid() == 0:
-            os.chown(workspace, self._uid, self._gid)
-        workspace.chmod(0o750 if os.geteuid() == 0 else 0o700)
+            os.chown(workspace, 0, self._gid)
+            workspace.chmod(0o770)
+        else:
+            workspace.chmod(0o700)
 
     def hint(self, detail: str) -> str:
         if "namespace" in detail or "Operation not permitted" in detail:

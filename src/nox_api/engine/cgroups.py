@@ -7,8 +7,8 @@ the whole process tree of one run, not for a single process, and so that a kill 
 process of the run.
 
 cgroup v1 (one hierarchy per controller, "hybrid" hosts) and v2 (one unified hierarchy) are both
-handled. Processes join a group from the child side before ``exec`` (see :meth:`Cgroup.join`),
-so no process of a sandbox ever runs outside it.
+handled. A sandbox joins its group before it execs (see ``process.spawn``), so no process of
+a sandbox ever runs outside it.
 """
 
 from __future__ import annotations
@@ -84,21 +84,9 @@ class Cgroup:
                 seen.append(folder)
         return seen
 
-    def join_files(self) -> list[bytes]:
-        """Paths of the ``cgroup.procs`` files a child writes its pid into before ``exec``."""
-        return [os.fsencode(folder / "cgroup.procs") for folder in self.folders]
-
-    @staticmethod
-    def join(files: list[bytes]) -> None:
-        """Move the calling process into the group. Runs in the child between fork and exec,
-        so it uses only raw system calls (no locks, no allocation-heavy Python I/O)."""
-        pid = str(os.getpid()).encode()
-        for name in files:
-            fd = os.open(name, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+    def join_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid into to join the group."""
+        return [str(folder / "cgroup.procs") for folder in self.folders]
 
     def set_limits(self, memory_bytes: int, processes: int) -> None:
         if self.version == "v1":

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -87,6 +87,20 @@ class SandboxProcess:
         self.release_cgroup()
 
 
+# Joins the sandbox's cgroups, then becomes the sandbox. A shell of a few hundred microseconds
+# instead of Popen(preexec_fn=...): a preexec function forces a full fork() of the server
+# (8-13 ms here, with every server thread frozen meanwhile) where vfork() takes about one.
+# The process joins before exec, so nothing of the sandbox ever runs outside its group.
+_JOIN_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); '
+    'done; exec "$@"'
+)
+
+
+def _join_cgroup_argv(files: list[str]) -> list[str]:
+    return ["/bin/sh", "-c", _JOIN_SCRIPT, "nox-join", str(len(files)), *files]
+
+
 def spawn(
     launcher: Launcher, workspace: Path, cgroups: CgroupManager | None, ceiling: Limits
 ) -> SandboxProcess:
@@ -100,13 +114,8 @@ def spawn(
             group.set_limits(ceiling.memory_mib * MIB, ceiling.processes)
         argv = launcher.command(workspace, control_r, seccomp_fd, ceiling)
         pass_fds = (control_r,) if seccomp_fd is None else (control_r, seccomp_fd)
-        preexec: Callable[[], None] | None = None
         if group is not None:
-            join_files = group.join_files()
-
-            def preexec() -> None:
-                Cgroup.join(join_files)
-
+            argv = [*_join_cgroup_argv(group.join_files()), *argv]
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -114,7 +123,6 @@ def spawn(
             stderr=subprocess.PIPE,
             bufsize=0,
             pass_fds=pass_fds,
-            preexec_fn=preexec,  # noqa: PLW1509 - raw syscalls only, see Cgroup.join
             start_new_session=True,
             env=launcher.environment(),
             cwd="/",

@@ -102,12 +102,12 @@ class Workspaces:
                 leftover.unlink()
 
     def path(self, name: str) -> Path:
-        """The folder of workspace ``name``, created on first use."""
+        """The folder of workspace ``name``, created on first use. Its owner and mode are set
+        again on every use (two system calls), so no run can leave it unusable for the next."""
         validate_workspace_name(name)
         folder = self.root / name
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            self._prepare(folder)
+        folder.mkdir(exist_ok=True)
+        self._prepare(folder)
         return folder
 
     # -- uploads -----------------------------------------------------------------------------
