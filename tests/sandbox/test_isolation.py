@@ -20,23 +20,9 @@ from fastapi.testclient import TestClient
 
 from nox_api.config import Settings
 
+from ._helpers import SANDBOX_UID, run_py, run_sh
+
 pytestmark = pytest.mark.sandbox
-
-SANDBOX_UID = 65534
-
-
-def run_py(client: TestClient, code: str, **fields: Any) -> dict[str, Any]:
-    fields.setdefault("timeout_s", 10)
-    resp = client.post("/run_py", json={"code": code, **fields})
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
-
-
-def run_sh(client: TestClient, cmd: str, **fields: Any) -> dict[str, Any]:
-    fields.setdefault("timeout_s", 10)
-    resp = client.post("/run_sh", json={"cmd": cmd, **fields})
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
 
 
 def require_x86_64() -> None:

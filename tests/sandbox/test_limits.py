@@ -22,24 +22,11 @@ from nox_api.config import Settings, load_settings
 from nox_api.services.tokens import Role, TokenService
 from nox_api.storage.db import Database
 
+from ._helpers import SANDBOX_UID, run_py, run_sh
+
 pytestmark = pytest.mark.sandbox
 
-SANDBOX_UID = 65534
 MIB = 1024 * 1024
-
-
-def run_py(client: TestClient, code: str, **fields: Any) -> dict[str, Any]:
-    fields.setdefault("timeout_s", 10)
-    resp = client.post("/run_py", json={"code": code, **fields})
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
-
-
-def run_sh(client: TestClient, cmd: str, **fields: Any) -> dict[str, Any]:
-    fields.setdefault("timeout_s", 10)
-    resp = client.post("/run_sh", json={"cmd": cmd, **fields})
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
 
 
 def run(client: TestClient, kind: str, source: str, **fields: Any) -> dict[str, Any]:
