@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+
+from nox_api.app import create_app
+from nox_api.config import load_settings
+from nox_api.services.tokens import Role, TokenService
+from nox_api.storage.db import Database
 
 SANDBOX_UID = 65534
 
@@ -21,3 +29,19 @@ def run_sh(client: TestClient, cmd: str, **fields: Any) -> dict[str, Any]:
     resp = client.post("/run_sh", json={"cmd": cmd, **fields})
     assert resp.status_code == 200, resp.text
     return resp.json()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def own_server(data_dir: Path, **overrides: Any) -> Iterator[TestClient]:
+    """A server of its own settings on the real sandbox (the shared fixture's cannot change),
+    with an admin token in its client's headers."""
+    settings = load_settings(data_dir=data_dir, **overrides)
+    db = Database(settings.sqlalchemy_url)
+    db.migrate()
+    try:
+        token = TokenService(db).create("own-server", Role.ADMIN, "default").secret
+    finally:
+        db.close()
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.app.state.nox.sandbox.info().available  # type: ignore[attr-defined]
+        yield c

@@ -7,9 +7,8 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,9 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from nox_api.app import create_app
-from nox_api.config import Settings, load_settings
-from nox_api.services.tokens import Role, TokenService
-from nox_api.storage.db import Database
+from nox_api.config import Settings
 
-from ._helpers import SANDBOX_UID, run_py, run_sh
+from ._helpers import SANDBOX_UID, own_server, run_py, run_sh
 
 pytestmark = pytest.mark.sandbox
 
@@ -31,21 +27,6 @@ MIB = 1024 * 1024
 
 def run(client: TestClient, kind: str, source: str, **fields: Any) -> dict[str, Any]:
     return (run_py if kind == "python" else run_sh)(client, source, **fields)
-
-
-@contextmanager
-def own_server(data_dir: Path, **overrides: Any) -> Iterator[TestClient]:
-    """A server with its own settings (the shared fixture's cannot be changed)."""
-    settings = load_settings(data_dir=data_dir, **overrides)
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("limits", Role.ADMIN, "default").secret
-    finally:
-        db.close()
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
-        assert c.app.state.nox.sandbox.info().available  # type: ignore[attr-defined]
-        yield c
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:

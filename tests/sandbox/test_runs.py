@@ -9,21 +9,17 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from nox_api.app import create_app
-from nox_api.config import Settings, load_settings
-from nox_api.services.tokens import Role, TokenService
-from nox_api.storage.db import Database
+from nox_api.config import Settings
+from nox_api.services.tokens import Role
 
-from ._helpers import SANDBOX_UID, run_py, run_sh
+from ._helpers import SANDBOX_UID, own_server, run_py, run_sh
 
 pytestmark = pytest.mark.sandbox
 
@@ -65,19 +61,6 @@ def tree_snapshot(root: Path, skip: Path) -> set[str]:
 
 def sha256_of(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@contextmanager
-def second_server(data_dir: Path, **overrides: Any) -> Iterator[TestClient]:
-    settings = load_settings(data_dir=data_dir, **overrides)
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("second", Role.ADMIN, "default").secret
-    finally:
-        db.close()
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
-        yield c
 
 
 # -- output and exit codes -------------------------------------------------------------------
@@ -484,7 +467,7 @@ def test_another_server_starting_leaves_running_sandboxes_alone(bwrap_client: Te
     other_data = Path(tempfile.mkdtemp(prefix="nox-second-", dir=os.path.realpath("/tmp")))
     other_data.chmod(0o711)
     try:
-        with second_server(other_data, pool_size=0) as other:
+        with own_server(other_data, pool_size=0) as other:
             assert run_py(other, "print(2)")["stdout"] == "2\n"
     finally:
         shutil.rmtree(other_data, ignore_errors=True)

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,9 +29,18 @@ from nox_api.engine.base import MIB, Limits, Result, RunSpec
 from nox_api.engine.cgroups import Cgroup, CgroupManager
 from noxsdk.models import ExecutionStatus
 
-__all__ = ["Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
+__all__ = ["BASE_ENV", "Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
 
 _CHUNK = 65536
+
+BASE_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TMPDIR": "/tmp",
+    "PYTHONIOENCODING": "utf-8",
+}
 _STRAGGLER_GRACE_S = 0.2  # after the main process exits, how long leftover writers may hold a pipe
 
 
@@ -139,7 +148,7 @@ def spawn(
     return SandboxProcess(proc, control_w, workspace, group, cgroups)
 
 
-def _orders(spec: RunSpec, memory_by_rlimit: bool, env: Mapping[str, str]) -> bytes:
+def _orders(spec: RunSpec, memory_by_rlimit: bool) -> bytes:
     lim = spec.limits
     rlimits = {
         "RLIMIT_CPU": lim.cpu_s,
@@ -150,7 +159,8 @@ def _orders(spec: RunSpec, memory_by_rlimit: bool, env: Mapping[str, str]) -> by
     if memory_by_rlimit:
         rlimits["RLIMIT_AS"] = lim.memory_mib * MIB
         rlimits["RLIMIT_NPROC"] = lim.processes
-    doc = {"kind": spec.kind, "source": spec.source, "env": dict(env), "rlimits": rlimits}
+    env = {**BASE_ENV, **spec.env}  # Nox's minimal base, then the caller's additions
+    doc = {"kind": spec.kind, "source": spec.source, "env": env, "rlimits": rlimits}
     return json.dumps(doc).encode()
 
 
@@ -300,13 +310,7 @@ class _Pump:
         _close_pipes(self._sp.proc)
 
 
-def supervise(
-    sp: SandboxProcess,
-    spec: RunSpec,
-    env: Mapping[str, str],
-    memory_by_rlimit: bool,
-    warm: bool,
-) -> Result:
+def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: bool) -> Result:
     """Run ``spec`` in the started sandbox ``sp`` and return its :class:`Result`."""
     lim = spec.limits
     group = sp.cgroup
@@ -316,7 +320,7 @@ def supervise(
         cpu_base = group.cpu_ns() or 0
         oom_base = group.oom_kills()
 
-    pump = _Pump(sp, _orders(spec, memory_by_rlimit, env), spec.stdin, lim)
+    pump = _Pump(sp, _orders(spec, memory_by_rlimit), spec.stdin, lim)
     try:
         start = time.monotonic()
         stop_reason = pump.run(start + lim.timeout_s)
@@ -387,10 +391,3 @@ def _status(  # noqa: PLR0911 - one return per status reads best
     if 128 < exit_code <= 128 + 64:
         return ExecutionStatus.KILLED
     return ExecutionStatus.ERROR
-
-
-def minimal_env(extra: Mapping[str, str], base: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """The program's environment: Nox's minimal base, then the caller's additions."""
-    env = dict(base)
-    env.update(extra)
-    return env

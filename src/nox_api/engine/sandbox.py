@@ -9,7 +9,6 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 from nox_api.engine import cgroups as cgroups_mod
@@ -18,18 +17,9 @@ from nox_api.engine.pool import PoolStats, WarmPool
 from nox_api.engine.process import Launcher, SandboxProcess, spawn, supervise
 from noxsdk.models import ExecutionStatus
 
-__all__ = ["BASE_ENV", "ProcessSandbox"]
+__all__ = ["ProcessSandbox"]
 
 log = logging.getLogger("nox.engine")
-
-BASE_ENV: Mapping[str, str] = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "HOME": "/tmp",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    "TMPDIR": "/tmp",
-    "PYTHONIOENCODING": "utf-8",
-}
 
 
 class ProcessSandbox:
@@ -78,14 +68,12 @@ class ProcessSandbox:
         if self._reason is not None:
             raise SandboxUnavailable(self._reason)
         self._check_within_ceiling(spec.limits)
-        env = dict(BASE_ENV)
-        env.update(spec.env)
         with self._slots:
             sp = self._pool.take(spec.workspace)
             warm = sp is not None
             if sp is None:
                 sp = self._spawn(spec.workspace)
-            return supervise(sp, spec, env, self._launcher.memory_by_rlimit, warm)
+            return supervise(sp, spec, self._launcher.memory_by_rlimit, warm)
 
     def prewarm(self, workspace: Path) -> None:
         if self._reason is None:
@@ -121,9 +109,8 @@ class ProcessSandbox:
         try:
             self._launcher.prepare_workspace(workspace)
             spec = RunSpec("python", "print(1)", workspace, Limits(timeout_s=10.0))
-            env = dict(BASE_ENV)
             result = supervise(
-                self._spawn(workspace), spec, env, self._launcher.memory_by_rlimit, warm=False
+                self._spawn(workspace), spec, self._launcher.memory_by_rlimit, warm=False
             )
             if result.status != ExecutionStatus.OK or result.stdout != b"1\n":
                 detail = result.stderr.decode("utf-8", "replace").strip()[-500:]
