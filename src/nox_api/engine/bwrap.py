@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from nox_api.engine.base import MIB, Limits, SandboxUnavailable
@@ -87,7 +88,7 @@ class BwrapLauncher:
         return args
 
     def command(
-        self, workspace: Path, control_fd: int, seccomp_fd: int | None, limits: Limits
+        self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
         argv: list[str] = []
         if self._setpriv is not None:
@@ -107,7 +108,7 @@ class BwrapLauncher:
         ]  # fmt: skip
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
-        argv += ["--", self._python, "-I", "-S", "-c", self._bootstrap, str(control_fd)]
+        argv += ["--", self._python, "-I", "-S", "-c", self._bootstrap, *map(str, bootstrap_fds)]
         return argv
 
     def environment(self) -> dict[str, str]:

@@ -90,10 +90,17 @@ class Cgroup:
 
     def set_limits(self, memory_bytes: int, processes: int) -> None:
         if self.version == "v1":
-            _write(self.memory / "memory.limit_in_bytes", str(memory_bytes))
             memsw = self.memory / "memory.memsw.limit_in_bytes"
-            if memsw.exists():  # swap accounting on: memory + swap capped at the same figure
-                _write(memsw, str(memory_bytes))
+            if not memsw.exists():
+                _write(self.memory / "memory.limit_in_bytes", str(memory_bytes))
+            else:  # swap accounting on: memory + swap capped at the same figure; the kernel
+                # wants memory <= memory+swap at every step, so the order depends on the way
+                try:
+                    _write(self.memory / "memory.limit_in_bytes", str(memory_bytes))
+                    _write(memsw, str(memory_bytes))
+                except OSError:  # raising: memory+swap first
+                    _write(memsw, str(memory_bytes))
+                    _write(self.memory / "memory.limit_in_bytes", str(memory_bytes))
         else:
             _write(self.memory / "memory.max", str(memory_bytes))
             swap = self.memory / "memory.swap.max"
@@ -136,20 +143,23 @@ class Cgroup:
             return []
         return [int(p) for p in text.split()]
 
-    def kill_all(self) -> None:
-        """SIGKILL every process of the group, including ones forked while we kill."""
+    def kill_all(self, *, wait: bool = True) -> None:
+        """SIGKILL every process of the group, including ones forked while we kill; with
+        ``wait=False`` one pass only, without waiting for them to go."""
         kill_file = self.pids / "cgroup.kill"
         if self.version == "v2" and kill_file.exists():
             with contextlib.suppress(OSError):
                 _write(kill_file, "1")
             return
-        for _ in range(20):
+        for _ in range(20 if wait else 1):
             pids = self.pids_in()
             if not pids:
                 return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            if not wait:
+                return
             time.sleep(0.005)
 
     def remove(self) -> None:

@@ -6,6 +6,7 @@ go at once. The backends in :mod:`.bwrap` and :mod:`.unsafe` are this class with
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import tempfile
 import threading
@@ -52,7 +53,10 @@ class ProcessSandbox:
                 log.warning("removed %d sandbox cgroups left by an earlier server", removed)
         launcher.memory_by_rlimit = self._cgroups is None
         self._reason: str | None = None
-        self._pool = WarmPool(self._spawn, pool_size, pool_idle_s, pool_max_workspaces)
+        # Warm sandboxes start nice (they compete with running requests for the CPU) when
+        # they can take the normal priority back: RLIMIT_NICE 20 allows nice 0, no better.
+        self._pool_nice = _POOL_NICE if _allow_normal_priority() else 0
+        self._pool = WarmPool(self._spawn_ahead, pool_size, pool_idle_s, pool_max_workspaces)
 
     # -- Sandbox protocol ------------------------------------------------------------------
     def info(self) -> BackendInfo:
@@ -136,3 +140,21 @@ class ProcessSandbox:
 
     def _spawn(self, workspace: Path) -> SandboxProcess:
         return spawn(self._launcher, workspace, self._cgroups, self._ceiling)
+
+    def _spawn_ahead(self, workspace: Path) -> SandboxProcess:
+        return spawn(self._launcher, workspace, self._cgroups, self._ceiling, nice=self._pool_nice)
+
+
+_POOL_NICE = 10
+_NICE_ZERO_ALLOWED = 20  # RLIMIT_NICE is 20 - the best nice value a process may set
+
+
+def _allow_normal_priority() -> bool:
+    """Let processes started from here raise their priority back to nice 0, never above:
+    RLIMIT_NICE soft and hard exactly 20 (a higher hard limit would let a sandbox raise its
+    soft one and go below nice 0). Inherited by the sandboxes; False when not allowed here."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NICE, (_NICE_ZERO_ALLOWED, _NICE_ZERO_ALLOWED))
+    except (ValueError, OSError):
+        return False
+    return True

@@ -8,6 +8,7 @@ system and the network. The server logs a loud warning and the health check says
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from nox_api.engine.base import Limits
@@ -30,11 +31,11 @@ class UnsafeLauncher:
         self._bootstrap = bootstrap_source()
 
     def command(
-        self, workspace: Path, control_fd: int, seccomp_fd: int | None, limits: Limits
+        self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
         # The bootstrap runs from the workspace: `cd` first, through the shell-free env tool.
         return ["/usr/bin/env", "-C", str(workspace), self._python, "-I", "-S", "-c",
-                self._bootstrap, str(control_fd)]  # fmt: skip
+                self._bootstrap, *map(str, bootstrap_fds)]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
