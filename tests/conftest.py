@@ -42,6 +42,13 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def write_policy(folder: Path, text: str) -> Path:
+    """A policy file with ``text`` (YAML; unset fields keep the safe defaults)."""
+    path = folder / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def settings(data_dir: Path) -> Settings:
     return load_settings(data_dir=data_dir, pool_size=0)

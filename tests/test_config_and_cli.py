@@ -36,7 +36,6 @@ def test_defaults_are_safe() -> None:
         ("NOX_SANDBOX_BACKEND", "docker", "NOX_SANDBOX_BACKEND: Input should be 'bwrap' or"),
         ("NOX_POOL_SIZE", "-1", "NOX_POOL_SIZE"),
         ("NOX_SANDBOX_PYTHON", "/nonexistent/python", "is not an executable interpreter"),
-        ("NOX_DEFAULT_TIMEOUT_S", "100", "above NOX_MAX_TIMEOUT_S"),
     ],
 )
 def test_a_bad_value_names_the_variable(
@@ -71,6 +70,27 @@ def test_serve_with_a_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
         "nox-api: configuration error: NOX_PORT: Input should be a valid integer, unable to "
         "parse string as an integer (got 'eighty')"
     ]
+
+
+def test_serve_with_a_bad_policy_file_exits_2_naming_the_field(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("limits:\n  maxima:\n    memory_mib: lots\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox_api", "serve"],
+        env={
+            "NOX_POLICY_FILE": str(policy),
+            "NOX_DATA_DIR": str(tmp_path / "data"),
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "policy.yaml: limits.maxima.memory_mib: Input should be a valid integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was written
 
 
 def test_token_create_prints_a_working_token(

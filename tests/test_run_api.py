@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from tests.conftest import write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
 from nox_api.engine.base import RunSpec
 from nox_api.engine.fake import FakeSandbox
+from nox_api.services.policy import Policy
 from nox_api.storage.models import ExecutionRow
 
 
@@ -61,7 +63,7 @@ def test_stdin_env_and_limits_reach_the_sandbox(client: TestClient, fake: FakeSa
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"code": "print(1)", "timeout_s": 61}, "timeout_s 61 is above this server's maximum"),
+        ({"code": "print(1)", "timeout_s": 61}, "timeout_s 61 is above the policy's maximum"),
         ({"code": "print(1)", "memory_mib": 4096}, "memory_mib 4096 is above"),
         ({"code": "print(1)", "memory_mib": 8}, "at least 16"),
         ({"code": "   "}, "code is empty"),
@@ -107,7 +109,8 @@ def test_not_json_is_422(client: TestClient) -> None:
 
 
 def test_code_above_the_size_limit_is_413(data_dir, fake: FakeSandbox, make_token) -> None:  # type: ignore[no-untyped-def]
-    settings = load_settings(data_dir=data_dir, max_code_bytes=1000, pool_size=0)
+    policy = write_policy(data_dir, "limits:\n  maxima:\n    code_bytes: 1000\n")
+    settings = load_settings(data_dir=data_dir, policy_file=policy, pool_size=0)
     with TestClient(create_app(settings, sandbox=fake)) as c:
         token = make_token()
         big = c.post(
@@ -126,7 +129,8 @@ def test_code_above_the_size_limit_is_413(data_dir, fake: FakeSandbox, make_toke
 def test_body_far_above_the_limit_is_refused_before_it_is_read(
     client: TestClient, fake: FakeSandbox, settings: Settings
 ) -> None:
-    huge = b'{"code": "' + b"#" * (settings.max_code_bytes + settings.max_stdin_bytes + 300_000)
+    maxima = Policy().limits.maxima
+    huge = b'{"code": "' + b"#" * (maxima.code_bytes + maxima.stdin_bytes + 300_000)
     resp = client.post(
         "/run_py", content=huge + b'"}', headers={"content-type": "application/json"}
     )

@@ -15,7 +15,7 @@ from nox_api.config import Settings, load_settings
 from nox_api.engine.base import Sandbox
 from nox_api.http_errors import install_error_handlers
 from nox_api.middleware import BodyLimitMiddleware
-from nox_api.routes import health, put, run
+from nox_api.routes import admin, health, put, run
 from nox_api.state import Nox
 
 __all__ = ["create_app"]
@@ -51,8 +51,12 @@ def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None)
     app.include_router(health.router)
     app.include_router(run.router)
     app.include_router(put.router)
-    body_limit = resolved.max_code_bytes + resolved.max_stdin_bytes + 256 * 1024
-    app.add_middleware(BodyLimitMiddleware, limit=body_limit, exempt=_STREAMED_PREFIXES)
+    app.include_router(admin.router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=lambda: app.state.nox.request_body_limit(),  # noqa: PLW0108 - nox comes later
+        exempt=_STREAMED_PREFIXES,
+    )
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",

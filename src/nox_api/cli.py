@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from nox_api.config import Settings, load_settings
 from nox_api.errors import NoxError
+
+if TYPE_CHECKING:
+    from nox_api.storage.db import Database
 
 __all__ = ["app", "main"]
 
@@ -26,6 +30,8 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="Manage API tokens in the local database.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+audit_app = typer.Typer(help="Check the local audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -50,6 +56,7 @@ def serve(
     import uvicorn
 
     from nox_api.app import create_app
+    from nox_api.services.policy import load_policy
     from nox_api.services.tokens import Role, TokenService
     from nox_api.storage.db import Database
 
@@ -58,6 +65,7 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        load_policy(settings.policy_path)  # a bad policy file stops start-up here, exit 2
         settings.data_path.mkdir(parents=True, exist_ok=True)
         db = Database(settings.sqlalchemy_url)
         db.migrate()
@@ -109,10 +117,119 @@ def token_create(
         db = Database(settings.sqlalchemy_url)
         db.migrate()
         issued = TokenService(db).create(name, parsed_role, workspace, expires_in_days)
+        _audit_offline(
+            settings, db, "token.create", workspace=workspace, target=issued.principal.id,
+            name=name, role=parsed_role.value,
+        )  # fmt: skip
         db.close()
     except NoxError as exc:
         raise _fail(exc) from None
     typer.echo(issued.secret)
+
+
+def _audit_offline(settings: Settings, db: Database, action: str, **fields: Any) -> None:
+    """Record a command-line action in the audit log (actor: the local user)."""
+    import getpass
+
+    from nox_api.services.auditing import Auditor, Caller, open_audit_log
+    from nox_api.services.tokens import Principal, Role
+
+    cli_user = Principal("cli", f"cli:{getpass.getuser()}", Role.ADMIN, "default")
+    with open_audit_log(settings, db) as audit_log:
+        Auditor(audit_log).record(action, Caller(cli_user, "local"), **fields)
+
+
+@token_app.command("list")
+def token_list(
+    workspace: Annotated[str | None, typer.Option(help="Only this workspace's tokens.")] = None,
+) -> None:
+    """List the tokens of the local database (never their secrets)."""
+    from nox_api.services.tokens import TokenService
+    from nox_api.storage.db import Database
+
+    settings = _settings()
+    try:
+        db = Database(settings.sqlalchemy_url)
+        db.migrate()
+        items = TokenService(db).list(workspace)
+        db.close()
+    except NoxError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{'ID':<16}  {'NAME':<24}  {'ROLE':<6}  {'WORKSPACE':<16}  {'STATE':<8}  EXPIRES")
+    for t in items:
+        state = "revoked" if t.revoked_at else ("active" if t.active else "expired")
+        expires = t.expires_at.strftime("%Y-%m-%d") if t.expires_at else "never"
+        typer.echo(
+            f"{t.id:<16}  {t.name[:24]:<24}  {t.role.value:<6}  {t.workspace[:16]:<16}  "
+            f"{state:<8}  {expires}"
+        )
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (see `nox-api token list`).")],
+) -> None:
+    """Revoke a token: a running server refuses it at its next request."""
+    from nox_api.services.tokens import TokenService
+    from nox_api.storage.db import Database
+
+    settings = _settings()
+    try:
+        db = Database(settings.sqlalchemy_url)
+        db.migrate()
+        info = TokenService(db).revoke(token_id)
+        _audit_offline(settings, db, "token.revoke", workspace=info.workspace, target=info.id,
+                       name=info.name)  # fmt: skip
+        db.close()
+    except NoxError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"revoked {info.id} ({info.name})")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="One audit file to check alone (default: the whole chain)."),
+    ] = None,
+) -> None:
+    """Check the audit log's MAC chain (and, for the whole log, its checkpoint). Exit 0 when
+    intact, 1 when tampered."""
+    from nox_api.services.audit import load_or_create_key, verify_files
+    from nox_api.services.auditing import DatabaseCheckpointStore, open_audit_log
+    from nox_api.storage.db import Database
+
+    settings = _settings()
+    try:
+        db = Database(settings.sqlalchemy_url)
+        db.migrate()
+        if file is None:
+            with open_audit_log(settings, db) as audit_log:
+                report = audit_log.verify()
+        else:
+            if not file.is_file():
+                typer.echo(f"nox-api: {file} is not a file", err=True)
+                raise typer.Exit(2)
+            env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
+            key = load_or_create_key(settings.data_path, env_key)
+            checkpoint = None
+            if file.resolve() == (settings.audit_dir / "audit.jsonl").resolve():
+                checkpoint = DatabaseCheckpointStore(db).load()
+            # One file alone: its first line continues a chain that starts in an older file.
+            report = verify_files([file], key, checkpoint, partial=True)
+        db.close()
+    except NoxError as exc:
+        raise _fail(exc) from None
+    except ValueError as exc:
+        typer.echo(f"nox-api: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if report.ok:
+        typer.echo(f"audit log intact: {report.entries} entries")
+        return
+    where = f" ({report.file})" if report.file else ""
+    typer.echo(f"audit log TAMPERED at line {report.first_bad_line}{where}: {report.reason}")
+    typer.echo(f"{report.entries} entries verified before it")
+    raise typer.Exit(1)
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nox_api.engine.base import MIB, Limits
+from nox_api.engine.base import MIB
 from nox_api.errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "default_policy_file", "load_settings"]
 
 
 def _default_python() -> str:
@@ -29,6 +29,15 @@ def _default_python() -> str:
         if os.access(candidate, os.X_OK):
             return candidate
     return os.path.realpath(sys.executable)
+
+
+def default_policy_file() -> Path:
+    """The policy shipped with Nox: packed into the wheel next to this module, or the
+    repository's ``policy/policies.yaml`` when running from a checkout."""
+    packed = Path(__file__).with_name("policies.yaml")
+    if packed.is_file():
+        return packed
+    return Path(__file__).resolve().parents[2] / "policy" / "policies.yaml"
 
 
 class Settings(BaseSettings):
@@ -78,28 +87,24 @@ class Settings(BaseSettings):
         8, ge=1, le=1024, description="Runs executing at once; more wait for a slot."
     )
 
-    default_timeout_s: float = Field(10.0, gt=0, description="Wall time of a run by default.")
-    max_timeout_s: float = Field(60.0, gt=0, description="Largest wall time a request may ask.")
-    default_memory_mib: int = Field(256, ge=16, description="Memory of a run by default.")
-    max_memory_mib: int = Field(1024, ge=16, description="Largest memory a request may ask.")
-    max_cpu_s: int = Field(
-        60, ge=1, description="CPU seconds of a run: the wall time rounded up, at most this."
+    policy_file: Path | None = Field(
+        None,
+        description="The policy file (limits, rate limits, quotas, shell deny-list); default: "
+        "policy/policies.yaml shipped with Nox.",
     )
-    max_processes: int = Field(64, ge=1, description="Processes and threads in one run.")
-    max_file_size_mib: int = Field(64, ge=1, description="Largest file a run may write.")
-    max_open_files: int = Field(256, ge=16, description="Open files in one process of a run.")
-    tmp_size_mib: int = Field(64, ge=1, description="Size of each run's private /tmp.")
-    output_bytes: int = Field(
-        1 * MIB, ge=1024, description="Output kept per stream; more is dropped (truncated)."
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:port/db) for rate limits shared by several "
+        "servers; default: kept in this server's memory.",
     )
-    output_hard_bytes: int = Field(
-        64 * MIB, ge=1024, description="Output of both streams after which the run is stopped."
+    audit_key: SecretStr | None = Field(
+        None,
+        description="Key of the audit log's HMAC chain (16+ characters); default: a random key "
+        "in audit.key in the data folder (mode 0600).",
     )
-
-    max_code_bytes: int = Field(
-        1 * MIB, ge=1, description="Largest code or command accepted (413 above)."
+    audit_max_bytes: int = Field(
+        10 * MIB, ge=4096, description="Size of the audit log file before it is rotated, bytes."
     )
-    max_stdin_bytes: int = Field(1 * MIB, ge=0, description="Largest stdin accepted (413 above).")
     max_upload_bytes: int = Field(
         100 * MIB, ge=1, description="Largest file accepted by /put (413 above)."
     )
@@ -111,16 +116,6 @@ class Settings(BaseSettings):
         if path is None or not os.access(path, os.X_OK):
             raise ValueError(f"{value!r} is not an executable interpreter")
         return os.path.abspath(path)
-
-    @model_validator(mode="after")
-    def _defaults_within_maxima(self) -> Settings:
-        if self.default_timeout_s > self.max_timeout_s:
-            raise ValueError("NOX_DEFAULT_TIMEOUT_S is above NOX_MAX_TIMEOUT_S")
-        if self.default_memory_mib > self.max_memory_mib:
-            raise ValueError("NOX_DEFAULT_MEMORY_MIB is above NOX_MAX_MEMORY_MIB")
-        if self.output_bytes > self.output_hard_bytes:
-            raise ValueError("NOX_OUTPUT_BYTES is above NOX_OUTPUT_HARD_BYTES")
-        return self
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -139,19 +134,13 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_path / 'nox.db'}"
 
-    def ceiling(self) -> Limits:
-        """The largest limits any run may get: what warm sandboxes start with."""
-        return Limits(
-            timeout_s=self.max_timeout_s,
-            cpu_s=self.max_cpu_s,
-            memory_mib=self.max_memory_mib,
-            processes=self.max_processes,
-            file_size_mib=self.max_file_size_mib,
-            open_files=self.max_open_files,
-            tmp_size_mib=self.tmp_size_mib,
-            output_bytes=self.output_bytes,
-            output_hard_bytes=self.output_hard_bytes,
-        )
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_path / "audit"
+
+    @property
+    def policy_path(self) -> Path:
+        return (self.policy_file or default_policy_file()).expanduser().absolute()
 
 
 def load_settings(**overrides: object) -> Settings:

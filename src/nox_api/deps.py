@@ -11,21 +11,26 @@ from enum import StrEnum
 from typing import Annotated
 
 from asgi_correlation_id import correlation_id
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request, Response
 
-from nox_api.errors import Forbidden, Unauthorized
-from nox_api.services.tokens import Principal, Role
+from nox_api.errors import Forbidden, RateLimited, Unauthorized
+from nox_api.services.auditing import Caller
+from nox_api.services.tokens import Role, validate_workspace_name
 from nox_api.state import Nox
 
 __all__ = [
     "Admin",
+    "Caller",
     "NoxDep",
     "PUBLIC_ROUTES",
     "Permission",
     "Reader",
     "RequestIdDep",
     "Runner",
+    "WorkspaceParam",
+    "client_address",
     "require",
+    "target_workspace",
 ]
 
 PUBLIC_ROUTES = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -75,27 +80,92 @@ def _bearer(request: Request) -> str:
     return secret.strip()
 
 
-def require(permission: Permission) -> Callable[..., Principal]:
-    """A dependency that authenticates the caller and checks one permission."""
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
-    def dependency(request: Request, nox: NoxDep) -> Principal:
+
+def _authenticate(request: Request, nox: Nox) -> Caller:
+    """The caller of a bearer token; failed attempts count against the client's address."""
+    client = client_address(request)
+    request_id = correlation_id.get()
+    fail_rate = nox.policy.current.rate_limits.auth_failures_per_client
+    fail_key = f"authfail:{client}"
+    blocked = nox.limiter.blocked(fail_key, fail_rate)
+    if blocked is not None:
+        raise RateLimited(
+            f"too many failed authentications from {client}; try again in {blocked.reset_s} s",
+            headers=blocked.headers(),
+        )
+    try:
         principal = nox.tokens.authenticate(_bearer(request))
         if principal is None:
             raise Unauthorized(
                 "unknown, expired or revoked token",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
+    except Unauthorized as exc:
+        nox.limiter.hit(fail_key, fail_rate)
+        nox.auditor.record(
+            "auth", Caller(None, client, request_id), outcome="failed", target=request.url.path,
+            reason=exc.message[:120],
+        )  # fmt: skip
+        raise
+    return Caller(principal, client, request_id)
+
+
+def require(permission: Permission) -> Callable[..., Caller]:
+    """A dependency that authenticates the caller, checks one permission and counts the
+    request against the caller's rate limit (``X-RateLimit-*`` headers, 429 past it)."""
+
+    def dependency(request: Request, response: Response, nox: NoxDep) -> Caller:
+        caller = _authenticate(request, nox)
+        principal = caller.principal
+        assert principal is not None  # noqa: S101 - _authenticate never returns without one
+        request.state.principal = principal
         if permission not in ROLE_PERMISSIONS[principal.role]:
+            nox.auditor.record(
+                "auth", caller, outcome="denied", target=request.url.path,
+                reason=f"needs {permission.value}",
+            )  # fmt: skip
             raise Forbidden(
                 f"the {principal.role.value} role may not do this (needs {permission.value})"
             )
-        request.state.principal = principal
-        return principal
+        rate = nox.policy.current.rate_for(principal.role, principal.id, principal.name)
+        state = nox.limiter.hit(f"token:{principal.id}", rate)
+        headers = state.headers()
+        request.state.rate_headers = headers
+        if not state.allowed:
+            raise RateLimited(
+                f"rate limit of {rate} reached for token {principal.name!r}; "
+                f"try again in {state.reset_s} s"
+            )
+        response.headers.update(headers)
+        return caller
 
     dependency.nox_permission = permission  # type: ignore[attr-defined]
     return dependency
 
 
-Reader = Annotated[Principal, Depends(require(Permission.READ))]
-Runner = Annotated[Principal, Depends(require(Permission.RUN))]
-Admin = Annotated[Principal, Depends(require(Permission.ADMIN))]
+def target_workspace(caller: Caller, requested: str | None) -> str:
+    """The workspace a request acts on: the token's own, or for an admin ``?workspace=``.
+    Others naming a workspace get 403 unless it is their own (never a hint that it exists)."""
+    principal = caller.principal
+    assert principal is not None  # noqa: S101
+    if requested is None or requested == principal.workspace:
+        return principal.workspace
+    if principal.role is not Role.ADMIN:
+        raise Forbidden("only an admin may act on another workspace")
+    return validate_workspace_name(requested)
+
+
+WorkspaceParam = Annotated[
+    str | None,
+    Query(
+        description="Admins only: act on this workspace instead of the token's own.",
+        max_length=63,
+    ),
+]
+
+Reader = Annotated[Caller, Depends(require(Permission.READ))]
+Runner = Annotated[Caller, Depends(require(Permission.RUN))]
+Admin = Annotated[Caller, Depends(require(Permission.ADMIN))]

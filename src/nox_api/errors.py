@@ -10,6 +10,9 @@ exit code of the ``nox-api`` command line::
     ├── NotFound                  not_found            404  exit 4
     ├── Conflict                  conflict             409  exit 1
     ├── PayloadTooLarge           payload_too_large    413  exit 5
+    ├── RateLimited               rate_limited         429  exit 6
+    ├── QuotaExceeded             quota_exceeded       429  exit 6
+    ├── StorageQuotaExceeded      storage_quota_exceeded 507 exit 6
     └── SandboxUnavailableError   sandbox_unavailable  503  exit 1
 
 Raise these from services; the app turns them into the JSON envelope of API.md.
@@ -28,7 +31,10 @@ __all__ = [
     "NotFound",
     "NoxError",
     "PayloadTooLarge",
+    "QuotaExceeded",
+    "RateLimited",
     "SandboxUnavailableError",
+    "StorageQuotaExceeded",
     "Unauthorized",
 ]
 
@@ -86,6 +92,24 @@ class PayloadTooLarge(NoxError):
     code = "payload_too_large"
     status = 413
     exit_code = 5
+
+
+class RateLimited(NoxError):
+    code = "rate_limited"
+    status = 429
+    exit_code = 6
+
+
+class QuotaExceeded(NoxError):
+    code = "quota_exceeded"
+    status = 429
+    exit_code = 6
+
+
+class StorageQuotaExceeded(NoxError):
+    code = "storage_quota_exceeded"
+    status = 507
+    exit_code = 6
 
 
 class SandboxUnavailableError(NoxError):

@@ -48,15 +48,24 @@ def _describe(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
-async def _nox_error(_request: Request, exc: Exception) -> JSONResponse:
+def _rate_headers(request: Request) -> dict[str, str]:
+    """The caller's X-RateLimit-* headers, when a rate-limited route counted the request."""
+    headers: dict[str, str] | None = getattr(request.state, "rate_headers", None)
+    return dict(headers) if headers else {}
+
+
+async def _nox_error(request: Request, exc: Exception) -> JSONResponse:
     exc = cast(NoxError, exc)
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(
+        exc.status, exc.code, exc.message, {**_rate_headers(request), **exc.headers}
+    )
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    return error_response(422, "invalid_request", _describe(cast(RequestValidationError, exc)))
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    message = _describe(cast(RequestValidationError, exc))
+    return error_response(422, "invalid_request", message, _rate_headers(request))
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:

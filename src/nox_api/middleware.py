@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,22 +19,30 @@ class BodyLimitMiddleware:
     their own, larger caps while writing to disk.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int | Callable[[], int], exempt: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self._limit = limit
         self.exempt = exempt
+
+    @property
+    def limit(self) -> int:
+        """The cap now: a callable follows the policy as it is reloaded."""
+        return self._limit() if callable(self._limit) else self._limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(self.exempt):
             await self.app(scope, receive, send)
             return
+        limit = self.limit
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.limit:
+                if declared > limit:
                     await self._refuse(send)
                     return
         seen = 0
@@ -46,7 +55,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Answer 413 now; the app then sees a disconnect and its answer is dropped.
                     refused = True
                     await self._refuse(send)

@@ -8,10 +8,15 @@ import time
 from dataclasses import dataclass, field
 
 from nox_api.config import Settings
-from nox_api.engine.base import Sandbox, SandboxUnavailable, UnavailableSandbox
+from nox_api.engine.base import Limits, Sandbox, SandboxUnavailable, UnavailableSandbox
 from nox_api.engine.process import Launcher
-from nox_api.services.executions import ExecutionService
+from nox_api.errors import ConfigError
+from nox_api.services.auditing import Auditor, Caller, open_audit_log
+from nox_api.services.executions import ExecutionService, ceiling_of
 from nox_api.services.files import Workspaces
+from nox_api.services.policy import Policy, PolicyError, PolicyStore, install_sighup
+from nox_api.services.quotas import QuotaService
+from nox_api.services.ratelimit import RateLimiter
 from nox_api.services.tokens import DEFAULT_WORKSPACE, TokenService
 from nox_api.storage.db import Database
 
@@ -27,6 +32,10 @@ class Nox:
     sandbox: Sandbox
     workspaces: Workspaces
     tokens: TokenService
+    policy: PolicyStore
+    limiter: RateLimiter
+    quotas: QuotaService
+    auditor: Auditor
     executions: ExecutionService
     started: float = field(default_factory=time.time)
 
@@ -34,10 +43,17 @@ class Nox:
     def start(cls, settings: Settings, sandbox: Sandbox | None = None) -> Nox:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
+        try:
+            policy = PolicyStore(settings.policy_path)
+        except PolicyError as exc:
+            raise ConfigError(f"NOX_POLICY_FILE: {exc.message}") from None
         db = Database(settings.sqlalchemy_url)
         db.migrate()
+        auditor = Auditor(open_audit_log(settings, db))
         if sandbox is None:
-            sandbox = build_sandbox(settings)
+            sandbox = build_sandbox(settings, ceiling_of(policy.current))
+        else:
+            sandbox.set_ceiling(ceiling_of(policy.current))
         owner = None
         if os.geteuid() == 0 and settings.sandbox_backend == "bwrap":
             owner = (settings.sandbox_uid, settings.sandbox_gid)
@@ -47,8 +63,22 @@ class Nox:
         workspaces.setup()
         env_token = settings.api_token.get_secret_value() if settings.api_token else None
         tokens = TokenService(db, env_token)
-        executions = ExecutionService(settings, db, sandbox, workspaces)
-        nox = cls(settings, db, sandbox, workspaces, tokens, executions)
+        quotas = QuotaService(db, policy)
+        executions = ExecutionService(
+            db=db,
+            sandbox=sandbox,
+            workspaces=workspaces,
+            policy=policy,
+            quotas=quotas,
+            auditor=auditor,
+        )
+        limiter = RateLimiter(settings.redis_url)
+        nox = cls(
+            settings, db, sandbox, workspaces, tokens, policy, limiter, quotas, auditor, executions
+        )
+        policy.on_change(nox._policy_changed)
+        policy.start_watching()
+        install_sighup(policy)  # only where it can: the main thread of `nox-api serve`
         reason = sandbox.info().reason
         if reason is not None:
             log.error("sandbox unavailable: %s", reason)
@@ -56,12 +86,38 @@ class Nox:
             sandbox.prewarm(workspaces.path(DEFAULT_WORKSPACE))
         return nox
 
+    def _policy_changed(self, old: Policy, new: Policy) -> None:
+        """Whatever reloaded it (API, SIGHUP, the file watcher): apply and record it."""
+        self.sandbox.set_ceiling(ceiling_of(new))
+        self.auditor.record(
+            "policy.change", Caller(), target=str(self.policy.path),
+            sha256=self.policy.source_sha256,
+        )  # fmt: skip
+        log.info("policy changed (%s)", self.policy.source_sha256[:12])
+
+    def reload_policy(self, caller: Caller | None) -> Policy:
+        """Reload the policy file; audited either way. Raises PolicyError, the old one stays."""
+        try:
+            policy = self.policy.reload()
+        except PolicyError as exc:
+            self.auditor.record("policy.reload", caller, outcome="failed", error=exc.message[:500])
+            raise
+        self.auditor.record("policy.reload", caller, sha256=self.policy.source_sha256)
+        return policy
+
+    def request_body_limit(self) -> int:
+        """Largest JSON body: the policy's code and stdin maxima and room for the rest."""
+        m = self.policy.current.limits.maxima
+        return m.code_bytes + m.stdin_bytes + 256 * 1024
+
     def close(self) -> None:
+        self.policy.stop_watching()
         self.sandbox.close()
+        self.auditor.log.close()
         self.db.close()
 
 
-def build_sandbox(settings: Settings) -> Sandbox:
+def build_sandbox(settings: Settings, ceiling: Limits) -> Sandbox:
     """The configured backend, probed with a trivial program. A backend that cannot work is
     still returned (it answers 503 with the reason), so the server starts and says why."""
     from nox_api.engine.sandbox import ProcessSandbox
@@ -87,7 +143,7 @@ def build_sandbox(settings: Settings) -> Sandbox:
         name=name,
         isolation=isolation,
         launcher=launcher,
-        ceiling=settings.ceiling(),
+        ceiling=ceiling,
         pool_size=settings.pool_size,
         pool_idle_s=settings.pool_idle_s,
         pool_max_workspaces=settings.pool_max_workspaces,

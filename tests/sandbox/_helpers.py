@@ -31,10 +31,22 @@ def run_sh(client: TestClient, cmd: str, **fields: Any) -> dict[str, Any]:
     return resp.json()  # type: ignore[no-any-return]
 
 
+def maxima_policy(folder: Path, **maxima: int) -> Path:
+    """A policy file whose ``limits.maxima`` are the defaults but for ``maxima``."""
+    path = folder / "policy.yaml"
+    lines = ["limits:", "  maxima:"] + [f"    {name}: {value}" for name, value in maxima.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @contextmanager
-def own_server(data_dir: Path, **overrides: Any) -> Iterator[TestClient]:
+def own_server(
+    data_dir: Path, maxima: dict[str, int] | None = None, **overrides: Any
+) -> Iterator[TestClient]:
     """A server of its own settings on the real sandbox (the shared fixture's cannot change),
-    with an admin token in its client's headers."""
+    with an admin token in its client's headers; ``maxima`` narrow the policy's limits."""
+    if maxima:
+        overrides["policy_file"] = maxima_policy(data_dir.parent, **maxima)
     settings = load_settings(data_dir=data_dir, **overrides)
     db = Database(settings.sqlalchemy_url)
     db.migrate()

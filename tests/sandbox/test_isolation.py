@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nox_api.config import Settings
+from nox_api.services.policy import Policy
 
 from ._helpers import SANDBOX_UID, run_py, run_sh
 
@@ -227,7 +228,7 @@ def test_tmp_private_per_run(bwrap_client: TestClient) -> None:
 
 
 def test_tmp_size_capped(bwrap_client: TestClient, bwrap_settings: Settings) -> None:
-    cap_mib = bwrap_settings.tmp_size_mib
+    cap_mib = Policy().limits.maxima.tmp_size_mib
     code = f"""
 import errno, os
 block = b'x' * (1 << 20)

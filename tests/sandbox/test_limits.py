@@ -16,7 +16,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from nox_api.config import Settings
+from nox_api.services.policy import Policy
 
 from ._helpers import SANDBOX_UID, own_server, run_py, run_sh
 
@@ -218,7 +218,9 @@ def test_fork_bomb_contained(
 )
 def test_output_flood_stopped(data_dir: Path, kind: str, source: str, stream: str) -> None:
     kept, hard = 64 * 1024, 256 * 1024
-    with own_server(data_dir, pool_size=0, output_bytes=kept, output_hard_bytes=hard) as client:
+    with own_server(
+        data_dir, {"output_bytes": kept, "output_hard_bytes": hard}, pool_size=0
+    ) as client:
         started = time.monotonic()
         answer = run(client, kind, source, timeout_s=10)
         elapsed = time.monotonic() - started
@@ -232,9 +234,9 @@ def test_output_flood_stopped(data_dir: Path, kind: str, source: str, stream: st
 def test_server_memory_flat_while_a_run_prints_a_gib(data_dir: Path) -> None:
     me = psutil.Process()
     kept = 1 * MIB
-    settings_overrides = {"pool_size": 0, "output_hard_bytes": 2 * 1024**3, "output_bytes": kept}
+    maxima = {"output_hard_bytes": 2 * 1024**3, "output_bytes": kept}
     code = "import os\nblock = b'x' * (1 << 20)\nfor _ in range({n}):\n    os.write(1, block)"
-    with own_server(data_dir, **settings_overrides) as client:
+    with own_server(data_dir, maxima, pool_size=0) as client:
         warm = run_py(client, code.format(n=8), timeout_s=10)  # allocate the usual buffers
         assert warm["stdout_truncated"] is True
         gc.collect()
@@ -290,7 +292,9 @@ def test_writable_tmpfs_is_size_capped_without_cgroups(data_dir: Path, folder: s
     """Without a cgroup nothing charges a tmpfs to the run: every folder a program may fill
     must have its own cap, or one run can fill the host's memory."""
     tmp_mib = 8
-    with own_server(data_dir, pool_size=0, sandbox_cgroups=False, tmp_size_mib=tmp_mib) as client:
+    with own_server(
+        data_dir, {"tmp_size_mib": tmp_mib}, pool_size=0, sandbox_cgroups=False
+    ) as client:
         answer = run_py(client, _FILL.format(folder=folder, limit=4 * tmp_mib), timeout_s=10)
     assert answer["status"] == "ok", answer["stderr"]
     written_mib, failure = answer["stdout"].split()
@@ -311,7 +315,7 @@ except OSError as exc:
 else:
     print(total, None)
 """
-    with own_server(data_dir, pool_size=0, max_file_size_mib=1) as client:
+    with own_server(data_dir, {"file_size_mib": 1}, pool_size=0) as client:
         answer = run_py(client, code)
     assert answer["status"] == "ok", answer["stderr"]
     assert answer["limits"]["file_size_mib"] == 1
@@ -334,16 +338,17 @@ except OSError as exc:
     assert int(opened) < answer["limits"]["open_files"]
 
 
-def test_settings_reach_the_limits(bwrap_settings: Settings, bwrap_client: TestClient) -> None:
+def test_the_policy_reaches_the_limits(bwrap_client: TestClient) -> None:
+    maxima = Policy().limits.maxima
     answer = run_py(bwrap_client, "print(1)", timeout_s=3, memory_mib=64)
     assert answer["limits"]["timeout_s"] == 3
     assert answer["limits"]["memory_mib"] == 64
-    assert answer["limits"]["tmp_size_mib"] == bwrap_settings.tmp_size_mib
+    assert answer["limits"]["tmp_size_mib"] == Policy().limits.maxima.tmp_size_mib
     too_much = bwrap_client.post(
-        "/run_py", json={"code": "print(1)", "memory_mib": bwrap_settings.max_memory_mib + 1}
+        "/run_py", json={"code": "print(1)", "memory_mib": maxima.memory_mib + 1}
     )
     assert too_much.status_code == 400
     too_long = bwrap_client.post(
-        "/run_py", json={"code": "print(1)", "timeout_s": bwrap_settings.max_timeout_s + 1}
+        "/run_py", json={"code": "print(1)", "timeout_s": maxima.timeout_s + 1}
     )
     assert too_long.status_code == 400

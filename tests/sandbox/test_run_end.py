@@ -8,7 +8,6 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-
 from tests.sandbox._helpers import run_py, run_sh
 
 pytestmark = pytest.mark.sandbox
@@ -67,7 +66,9 @@ def test_sys_exit_in_an_atexit_function_is_ignored_as_by_the_interpreter(
 
 
 def test_unbuffered_output_in_bulk_is_complete(bwrap_client: TestClient) -> None:
-    got = run_py(bwrap_client, "import sys\nfor i in range(20000):\n    sys.stdout.write(f'{i}\\n')")
+    got = run_py(
+        bwrap_client, "import sys\nfor i in range(20000):\n    sys.stdout.write(f'{i}\\n')"
+    )
     assert got["stdout"].splitlines()[-1] == "19999"
     assert len(got["stdout"].splitlines()) == 20000
 
@@ -110,7 +111,8 @@ def test_warm_sandbox_runs_at_normal_priority_and_no_better(bwrap_client: TestCl
         "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
         "try:\n    os.setpriority(os.PRIO_PROCESS, 0, -1)\nexcept OSError as e:\n"
         "    print(type(e).__name__)\n"
-        "try:\n    resource.setrlimit(resource.RLIMIT_NICE, (21, 21))\nexcept (OSError, ValueError) as e:\n"
+        "try:\n    resource.setrlimit(resource.RLIMIT_NICE, (21, 21))\n"
+        "except (OSError, ValueError) as e:\n"
         "    print(type(e).__name__)\n"
     )
     run_py(bwrap_client, "pass")  # a warm sandbox is ready after this one

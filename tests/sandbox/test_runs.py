@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nox_api.config import Settings
+from nox_api.services.policy import Policy
 from nox_api.services.tokens import Role
 
 from ._helpers import SANDBOX_UID, own_server, run_py, run_sh
@@ -133,7 +134,7 @@ def test_killed_by_signal(bwrap_client: TestClient, kind: str, source: str, exit
 def test_output_exactly_at_the_cap_is_not_truncated(
     bwrap_client: TestClient, bwrap_settings: Settings
 ) -> None:
-    cap = bwrap_settings.output_bytes
+    cap = Policy().limits.maxima.output_bytes
     exact = run_py(bwrap_client, f"import sys\nsys.stdout.write('x' * {cap})")
     assert exact["status"] == "ok"
     assert len(exact["stdout"]) == cap

@@ -2,6 +2,9 @@
 
 from noxsdk._version import __version__
 from noxsdk.models import (
+    AuditEntry,
+    AuditList,
+    AuditVerify,
     EffectiveLimits,
     ErrorBody,
     ErrorEnvelope,
@@ -11,11 +14,20 @@ from noxsdk.models import (
     ExecutionStatus,
     FileInfo,
     Health,
+    Me,
     RunPython,
     RunShell,
+    TokenCreate,
+    TokenCreated,
+    TokenItem,
+    TokenList,
+    TokenRole,
 )
 
 __all__ = [
+    "AuditEntry",
+    "AuditList",
+    "AuditVerify",
     "EffectiveLimits",
     "ErrorBody",
     "ErrorEnvelope",
@@ -25,7 +37,13 @@ __all__ = [
     "ExecutionStatus",
     "FileInfo",
     "Health",
+    "Me",
     "RunPython",
     "RunShell",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenItem",
+    "TokenList",
+    "TokenRole",
     "__version__",
 ]

@@ -152,3 +152,94 @@ class ErrorEnvelope(BaseModel):
     """Every error answer: ``{"error": {"code", "message", "request_id"}}``."""
 
     error: ErrorBody
+
+
+class TokenRole(StrEnum):
+    """What a token may do: viewer reads, runner also runs and uploads, admin does all."""
+
+    VIEWER = "viewer"
+    RUNNER = "runner"
+    ADMIN = "admin"
+
+
+class Me(BaseModel):
+    """Answer of ``GET /api/me``: who the token is."""
+
+    id: str
+    name: str
+    role: TokenRole
+    workspace: str
+
+
+class TokenCreate(BaseModel):
+    """Body of ``POST /api/tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    role: TokenRole
+    workspace: str | None = Field(None, min_length=1, max_length=63)
+    expires_in_days: int | None = Field(None, ge=1, le=3650)
+
+
+class TokenItem(BaseModel):
+    """A token as ``GET /api/tokens`` lists it: never its secret."""
+
+    id: str
+    name: str
+    role: TokenRole
+    workspace: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    active: bool
+
+
+class TokenCreated(BaseModel):
+    """Answer of ``POST /api/tokens``; ``token`` is shown this once only."""
+
+    id: str
+    name: str
+    role: TokenRole
+    workspace: str
+    token: str
+    created_at: datetime
+    expires_at: datetime | None = None
+
+
+class TokenList(BaseModel):
+    items: list[TokenItem]
+
+
+class AuditEntry(BaseModel):
+    """One line of the audit log (``mac`` chains it to the line before)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seq: int
+    time: str
+    action: str
+    outcome: str
+    actor_id: str | None = None
+    actor_name: str | None = None
+    role: str | None = None
+    workspace: str | None = None
+    target: str | None = None
+    client: str | None = None
+    request_id: str | None = None
+    details: dict[str, object] = Field(default_factory=dict)
+    mac: str
+
+
+class AuditList(BaseModel):
+    items: list[AuditEntry]
+
+
+class AuditVerify(BaseModel):
+    """Answer of ``GET /api/audit/verify``."""
+
+    ok: bool
+    entries: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+    file: str | None = None

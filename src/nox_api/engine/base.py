@@ -98,6 +98,9 @@ class Sandbox(Protocol):
 
     def prepare_workspace(self, workspace: Path) -> None: ...
 
+    def set_ceiling(self, ceiling: Limits) -> None:
+        """The largest limits runs may get from now on (the policy's maxima changed)."""
+
     def close(self) -> None: ...
 
 
@@ -121,6 +124,9 @@ class UnavailableSandbox:
 
     def prepare_workspace(self, workspace: Path) -> None:
         workspace.chmod(0o700)
+
+    def set_ceiling(self, ceiling: Limits) -> None:
+        return None
 
     def close(self) -> None:
         return None

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from nox_api.engine.base import BackendInfo, Result, RunSpec, SandboxUnavailable
+from nox_api.engine.base import BackendInfo, Limits, Result, RunSpec, SandboxUnavailable
 from noxsdk.models import ExecutionStatus
 
 __all__ = ["FakeSandbox"]
@@ -83,6 +83,9 @@ class FakeSandbox:
 
     def prepare_workspace(self, workspace: Path) -> None:
         return None
+
+    def set_ceiling(self, ceiling: Limits) -> None:
+        self.ceiling = ceiling
 
     def close(self) -> None:
         return None

@@ -100,6 +100,17 @@ class WarmPool:
             ready = sum(len(q.ready) for q in self._queues.values())
             return PoolStats(ready, len(self._queues), self._hits, self._misses, self._failures)
 
+    def flush(self) -> None:
+        """Throw away every ready sandbox (they started under settings that changed); the
+        queues refill with new ones."""
+        with self._lock:
+            stale = [sp for queue in self._queues.values() for sp in queue.ready]
+            for queue in self._queues.values():
+                queue.ready.clear()
+            self._wake.notify()
+        for sp in stale:
+            sp.discard()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

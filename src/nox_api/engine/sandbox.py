@@ -86,6 +86,12 @@ class ProcessSandbox:
     def prepare_workspace(self, workspace: Path) -> None:
         self._launcher.prepare_workspace(workspace)
 
+    def set_ceiling(self, ceiling: Limits) -> None:
+        """New maxima: warm sandboxes started under the old ones are thrown away."""
+        if ceiling != self._ceiling:
+            self._ceiling = ceiling
+            self._pool.flush()
+
     def close(self) -> None:
         self._pool.close()
 

@@ -12,11 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Request, status
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from nox_api.deps import NoxDep, Runner
+from nox_api.deps import Caller, NoxDep, Runner, WorkspaceParam, target_workspace
 from nox_api.errors import InvalidPath, InvalidRequest, PayloadTooLarge
 from nox_api.services.files import StagedFile
+from nox_api.state import Nox
 from noxsdk.models import FileInfo
 
 router = APIRouter(tags=["files"])
@@ -134,14 +136,28 @@ def _boundary(request: Request) -> bytes:
         400: {"description": "Bad form or invalid_path"},
         409: {"description": "The target is a folder"},
         413: {"description": "The file is above the server's upload limit"},
+        429: {"description": "Rate limit, or the workspace's daily upload quota, reached"},
+        507: {"description": "The workspace's storage quota is full"},
     },
 )
-async def put(request: Request, nox: NoxDep, caller: Runner) -> FileInfo:
-    limit = nox.settings.max_upload_bytes
+async def put(
+    request: Request, nox: NoxDep, caller: Runner, workspace: WorkspaceParam = None
+) -> FileInfo:
+    target_ws = target_workspace(caller, workspace)
+    server_limit = nox.settings.max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + _MULTIPART_OVERHEAD:
-        raise PayloadTooLarge(f"the upload is larger than this server's {limit} bytes")
+    if (
+        declared is not None
+        and declared.isdigit()
+        and int(declared) > server_limit + _MULTIPART_OVERHEAD
+    ):
+        raise PayloadTooLarge(f"the upload is larger than this server's {server_limit} bytes")
     parser_boundary = _boundary(request)
+    # Walking the workspace and the database are blocking work: off the event loop.
+    room = await run_in_threadpool(
+        nox.quotas.upload_room, target_ws, nox.workspaces.path(target_ws)
+    )
+    limit = min(server_limit, room.bytes)
     with nox.workspaces.staged_upload(limit) as writer:
         upload = _Upload(writer)
         parser = MultipartParser(parser_boundary, upload.callbacks())  # type: ignore[arg-type]
@@ -153,6 +169,10 @@ async def put(request: Request, nox: NoxDep, caller: Runner) -> FileInfo:
             raise InvalidRequest("the client went away before the upload ended") from None
         except MultipartParseError as exc:
             raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
+        except PayloadTooLarge:
+            if limit < server_limit:  # the quota, not the server's cap, stopped it
+                raise nox.quotas.upload_refused(target_ws, room, limit) from None
+            raise
         if not upload.complete:
             raise InvalidRequest("the upload ended before the closing multipart boundary")
         if upload.files == 0:
@@ -161,4 +181,14 @@ async def put(request: Request, nox: NoxDep, caller: Runner) -> FileInfo:
         if not target:
             raise InvalidRequest("the file part has no name: give the target in the 'path' field")
         staged: StagedFile = writer.finish()
-        return nox.workspaces.commit(caller.workspace, target, staged)
+        info = nox.workspaces.commit(target_ws, target, staged)
+    await run_in_threadpool(_record_upload, nox, caller, target_ws, info)
+    return info
+
+
+def _record_upload(nox: Nox, caller: Caller, workspace: str, info: FileInfo) -> None:
+    nox.quotas.record_upload(workspace, info.size)
+    nox.auditor.record(
+        "file.upload", caller, workspace=workspace, target=info.path, size=info.size,
+        sha256=info.sha256,
+    )  # fmt: skip

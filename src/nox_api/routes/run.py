@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from nox_api.deps import NoxDep, RequestIdDep, Runner
+from nox_api.deps import NoxDep, Runner
 from noxsdk.models import Execution, RunPython, RunShell
 
 router = APIRouter(tags=["run"])
@@ -16,8 +16,9 @@ router = APIRouter(tags=["run"])
 _ERRORS: dict[int | str, dict[str, str]] = {
     400: {"description": "A limit above the server's maximum, or an invalid field"},
     401: {"description": "Missing or unknown token"},
-    403: {"description": "The token's role may not run code"},
-    413: {"description": "Code, command or stdin above the server's size limit"},
+    403: {"description": "The token's role may not run code, or the shell deny-list refuses it"},
+    413: {"description": "Code, command or stdin above the policy's size limit"},
+    429: {"description": "Rate limit (rate_limited) or daily quota (quota_exceeded) reached"},
     503: {"description": "No sandbox can run here; the message says how to fix it"},
 }
 
@@ -28,8 +29,8 @@ _ERRORS: dict[int | str, dict[str, str]] = {
     responses=_ERRORS,
     summary="Run Python code in a sandbox",
 )
-def run_py(body: RunPython, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
-    return nox.executions.run(caller, body, request_id)
+def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
+    return nox.executions.run(caller, body)
 
 
 @router.post(
@@ -38,5 +39,5 @@ def run_py(body: RunPython, nox: NoxDep, caller: Runner, request_id: RequestIdDe
     responses=_ERRORS,
     summary="Run a shell command (/bin/sh -c) in a sandbox",
 )
-def run_sh(body: RunShell, nox: NoxDep, caller: Runner, request_id: RequestIdDep) -> Execution:
-    return nox.executions.run(caller, body, request_id)
+def run_sh(body: RunShell, nox: NoxDep, caller: Runner) -> Execution:
+    return nox.executions.run(caller, body)

@@ -5,66 +5,112 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
-from nox_api.config import Settings
 from nox_api.engine.base import Limits, RunSpec, Sandbox, SandboxUnavailable
-from nox_api.errors import InvalidRequest, PayloadTooLarge, SandboxUnavailableError
+from nox_api.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    QuotaExceeded,
+    SandboxUnavailableError,
+)
+from nox_api.services.auditing import Auditor, Caller, code_sha256
 from nox_api.services.files import Workspaces
+from nox_api.services.policy import Policy, PolicyStore
+from nox_api.services.quotas import QuotaService
 from nox_api.services.tokens import Principal
 from nox_api.storage.db import Database
 from nox_api.storage.models import ExecutionRow
 from noxsdk.models import EffectiveLimits, Execution, ExecutionKind, RunPython, RunShell
 
-__all__ = ["ExecutionService"]
+__all__ = ["ExecutionService", "ceiling_of"]
+
+
+def ceiling_of(policy: Policy) -> Limits:
+    """The largest limits the policy allows: what warm sandboxes start with."""
+    m = policy.limits.maxima
+    return Limits(
+        timeout_s=m.timeout_s,
+        cpu_s=m.cpu_s,
+        memory_mib=m.memory_mib,
+        processes=m.processes,
+        file_size_mib=m.file_size_mib,
+        open_files=m.open_files,
+        tmp_size_mib=m.tmp_size_mib,
+        output_bytes=m.output_bytes,
+        output_hard_bytes=m.output_hard_bytes,
+    )
 
 
 class ExecutionService:
     def __init__(
-        self, settings: Settings, db: Database, sandbox: Sandbox, workspaces: Workspaces
+        self,
+        *,
+        db: Database,
+        sandbox: Sandbox,
+        workspaces: Workspaces,
+        policy: PolicyStore,
+        quotas: QuotaService,
+        auditor: Auditor,
     ) -> None:
-        self._settings = settings
         self._db = db
         self._sandbox = sandbox
         self._workspaces = workspaces
+        self._policy = policy
+        self._quotas = quotas
+        self._auditor = auditor
 
-    def limits_for(self, body: RunPython | RunShell) -> Limits:
-        """The run's limits: the request's where it asked, the defaults elsewhere. A request
-        above a maximum is refused, never silently lowered."""
-        s = self._settings
-        timeout = body.timeout_s if body.timeout_s is not None else s.default_timeout_s
-        if timeout > s.max_timeout_s:
+    def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
+        """The run's limits: the request's where it asked, the policy's defaults elsewhere. A
+        request above a maximum is refused, never silently lowered."""
+        d, m = policy.limits.defaults, policy.limits.maxima
+        timeout = body.timeout_s if body.timeout_s is not None else d.timeout_s
+        if timeout > m.timeout_s:
             raise InvalidRequest(
-                f"timeout_s {timeout:g} is above this server's maximum of {s.max_timeout_s:g}"
+                f"timeout_s {timeout:g} is above the policy's maximum of {m.timeout_s:g}"
             )
-        memory = body.memory_mib if body.memory_mib is not None else s.default_memory_mib
-        if memory > s.max_memory_mib:
+        memory = body.memory_mib if body.memory_mib is not None else d.memory_mib
+        if memory > m.memory_mib:
             raise InvalidRequest(
-                f"memory_mib {memory} is above this server's maximum of {s.max_memory_mib}"
+                f"memory_mib {memory} is above the policy's maximum of {m.memory_mib}"
             )
         if memory < 16:
             raise InvalidRequest("memory_mib must be at least 16")
-        return Limits(
+        return replace(
+            ceiling_of(policy),
             timeout_s=timeout,
-            cpu_s=min(s.max_cpu_s, max(1, math.ceil(timeout))),
+            cpu_s=min(m.cpu_s, max(1, math.ceil(timeout))),
             memory_mib=memory,
-            processes=s.max_processes,
-            file_size_mib=s.max_file_size_mib,
-            open_files=s.max_open_files,
-            tmp_size_mib=s.tmp_size_mib,
-            output_bytes=s.output_bytes,
-            output_hard_bytes=s.output_hard_bytes,
         )
 
-    def run(
-        self, principal: Principal, body: RunPython | RunShell, request_id: str | None
-    ) -> Execution:
+    def run(self, caller: Caller, body: RunPython | RunShell) -> Execution:
+        principal = caller.principal
+        if principal is None:
+            raise RuntimeError("a run needs an authenticated caller")
+        policy = self._policy.current
         if isinstance(body, RunPython):
             kind, source, what = ExecutionKind.PYTHON, body.code, "code"
         else:
             kind, source, what = ExecutionKind.SHELL, body.cmd, "cmd"
-        self._check_sizes(source, body.stdin, what)
-        limits = self.limits_for(body)
+        self._check_sizes(policy, source, body.stdin, what)
+        limits = self.limits_for(body, policy)
+        digest = code_sha256(source)
+        audit: dict[str, Any] = {"target": kind.value, "code_sha256": digest}
+        if kind is ExecutionKind.SHELL:
+            pattern = policy.shell_denied(source)
+            if pattern is not None:
+                self._auditor.record(
+                    "run", caller, outcome="denied", reason="shell deny-list", **audit
+                )
+                raise Forbidden(f"the policy refuses this command (it matches {pattern!r})")
+        try:
+            self._quotas.check_run(principal.workspace)
+        except QuotaExceeded:
+            self._auditor.record("run", caller, outcome="denied", reason="quota", **audit)
+            raise
         workspace = self._workspaces.path(principal.workspace)
         spec = RunSpec(
             kind=kind.value,
@@ -78,6 +124,9 @@ class ExecutionService:
         try:
             result = self._sandbox.run(spec)
         except SandboxUnavailable as exc:
+            self._auditor.record(
+                "run", caller, outcome="error", reason="sandbox unavailable", **audit
+            )
             raise SandboxUnavailableError(str(exc)) from None
 
         execution = Execution(
@@ -94,7 +143,7 @@ class ExecutionService:
             started_at=started,
             workspace=principal.workspace,
             actor=principal.name,
-            request_id=request_id,
+            request_id=caller.request_id,
             limits=EffectiveLimits(
                 timeout_s=limits.timeout_s,
                 cpu_s=limits.cpu_s,
@@ -107,21 +156,29 @@ class ExecutionService:
             ),
         )
         self._save(execution, principal, source)
+        self._auditor.record(
+            "run",
+            caller,
+            id=execution.id,
+            status=execution.status.value,
+            exit_code=execution.exit_code,
+            **audit,
+        )
         return execution
 
-    def _check_sizes(self, source: str, stdin: str | None, what: str) -> None:
-        s = self._settings
+    def _check_sizes(self, policy: Policy, source: str, stdin: str | None, what: str) -> None:
+        m = policy.limits.maxima
         size = len(source.encode("utf-8", "surrogatepass"))
-        if size > s.max_code_bytes:
+        if size > m.code_bytes:
             raise PayloadTooLarge(
-                f"{what} is {size} bytes; this server accepts at most {s.max_code_bytes}"
+                f"{what} is {size} bytes; the policy allows at most {m.code_bytes}"
             )
         if not source.strip():
             raise InvalidRequest(f"{what} is empty")
         if "\x00" in source:
             raise InvalidRequest(f"{what} contains a NUL byte")
-        if stdin is not None and len(stdin.encode("utf-8", "surrogatepass")) > s.max_stdin_bytes:
-            raise PayloadTooLarge(f"stdin is larger than this server's {s.max_stdin_bytes} bytes")
+        if stdin is not None and len(stdin.encode("utf-8", "surrogatepass")) > m.stdin_bytes:
+            raise PayloadTooLarge(f"stdin is larger than the policy's {m.stdin_bytes} bytes")
 
     def _save(self, execution: Execution, principal: Principal, source: str) -> None:
         row = ExecutionRow(
@@ -145,3 +202,4 @@ class ExecutionService:
         )
         with self._db.session() as session:
             session.add(row)
+            self._quotas.record_run(session, principal.workspace, execution.cpu_ms)

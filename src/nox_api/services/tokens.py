@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from sqlalchemy import func, select
 
-from nox_api.errors import InvalidRequest
+from nox_api.errors import InvalidRequest, NotFound
 from nox_api.storage.db import Database
 from nox_api.storage.models import TokenRow
 
@@ -23,14 +23,15 @@ __all__ = [
     "Principal",
     "Role",
     "TOKEN_PREFIX",
+    "TokenInfo",
     "TokenService",
     "validate_workspace_name",
 ]
 
 TOKEN_PREFIX = "nox_"  # noqa: S105 - a prefix, not a secret; lets secret scanners recognise a leaked Nox token
 DEFAULT_WORKSPACE = "default"
-_WORKSPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_NAME_RE = re.compile(r"^[\w .@:/+-]{1,128}$")
+_WORKSPACE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_NAME_RE = re.compile(r"[\w .@:/+-]{1,128}")
 
 
 class Role(StrEnum):
@@ -57,10 +58,40 @@ class IssuedToken:
     expires_at: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A stored token as listings show it: never its secret or hash."""
+
+    id: str
+    name: str
+    role: Role
+    workspace: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        now = datetime.now(UTC)
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+def _info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(
+        row.id,
+        row.name,
+        Role(row.role),
+        row.workspace,
+        row.created_at,
+        row.expires_at,
+        row.revoked_at,
+    )
+
+
 def validate_workspace_name(name: str) -> str:
-    if not _WORKSPACE_RE.match(name):
+    if not _WORKSPACE_RE.fullmatch(name):
         raise InvalidRequest(
-            f"workspace name {name[:70]!r} must be 1-64 characters of a-z, 0-9, '_' and '-', "
+            f"workspace name {name[:70]!r} must be 1-63 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
         )
     return name
@@ -82,7 +113,7 @@ class TokenService:
         workspace: str = DEFAULT_WORKSPACE,
         expires_in_days: int | None = None,
     ) -> IssuedToken:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise InvalidRequest(
                 "token name must be 1-128 letters, digits, spaces or . @ : / + - _"
             )
@@ -109,6 +140,29 @@ class TokenService:
     def count(self) -> int:
         with self._db.session() as session:
             return int(session.scalar(select(func.count()).select_from(TokenRow)) or 0)
+
+    def list(self, workspace: str | None = None) -> list[TokenInfo]:
+        """Stored tokens, newest first, of one workspace or all."""
+        query = select(TokenRow).order_by(TokenRow.created_at.desc(), TokenRow.id)
+        if workspace is not None:
+            query = query.where(TokenRow.workspace == workspace)
+        with self._db.session() as session:
+            return [_info(row) for row in session.scalars(query)]
+
+    def get(self, token_id: str) -> TokenInfo | None:
+        with self._db.session() as session:
+            row = session.get(TokenRow, token_id)
+            return None if row is None else _info(row)
+
+    def revoke(self, token_id: str) -> TokenInfo:
+        """Revoke a token: it stops working at the next request. Revoking twice is fine."""
+        with self._db.session() as session:
+            row = session.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound(f"no token with id {token_id[:40]!r}")
+            if row.revoked_at is None:
+                row.revoked_at = datetime.now(UTC)
+            return _info(row)
 
     def authenticate(self, secret: str) -> Principal | None:
         """The principal of a bearer secret, or None for an unknown, expired or revoked one."""

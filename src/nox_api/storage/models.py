@@ -6,11 +6,29 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "ExecutionRow", "TokenRow", "UTCDateTime"]
+__all__ = [
+    "AuditCheckpointRow",
+    "Base",
+    "ExecutionRow",
+    "TokenRow",
+    "UTCDateTime",
+    "UsageRow",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -74,3 +92,26 @@ class ExecutionRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     code: Mapped[str] = mapped_column(Text)
     limits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class UsageRow(Base):
+    """What a workspace used on one UTC day: the counters behind the daily quotas."""
+
+    __tablename__ = "usage"
+
+    workspace: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AuditCheckpointRow(Base):
+    """The audit log's last line count and MAC, kept outside the log: a cut tail shows."""
+
+    __tablename__ = "audit_checkpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    count: Mapped[int] = mapped_column(Integer)
+    last_mac: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

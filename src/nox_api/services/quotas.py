@@ -1,0 +1,183 @@
+"""Per-workspace quotas of the policy: runs and CPU seconds per UTC day, stored bytes, uploaded
+bytes per UTC day. Counted in the database (the ``usage`` table, one row per workspace and day),
+checked before a run starts and before an upload is accepted."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from nox_api.errors import QuotaExceeded, StorageQuotaExceeded
+from nox_api.services.policy import PolicyStore, WorkspaceQuota
+from nox_api.storage.db import Database
+from nox_api.storage.models import UsageRow
+
+__all__ = ["QuotaService", "UploadRoom", "Usage", "directory_bytes", "utc_day"]
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRoom:
+    storage_left: int
+    upload_left: int
+
+    @property
+    def bytes(self) -> int:
+        return max(0, min(self.storage_left, self.upload_left))
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    runs: int = 0
+    cpu_ms: float = 0.0
+    upload_bytes: int = 0
+
+
+def utc_day(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+
+
+def _until_midnight(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    minutes = max(1, int((midnight - now).total_seconds() // 60))
+    return f"the count starts again at 00:00 UTC, in {minutes // 60} h {minutes % 60} min"
+
+
+def directory_bytes(root: Path) -> int:
+    """Bytes of the regular files below ``root``, without following symbolic links."""
+    total = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return total
+
+
+class QuotaService:
+    def __init__(self, db: Database, policy: PolicyStore) -> None:
+        self._db = db
+        self._policy = policy
+
+    def quota(self, workspace: str) -> WorkspaceQuota:
+        return self._policy.current.quota_for(workspace)
+
+    def usage(self, workspace: str, day: str | None = None) -> Usage:
+        with self._db.session() as session:
+            row = session.get(UsageRow, (workspace, day or utc_day()))
+            if row is None:
+                return Usage()
+            return Usage(row.runs, row.cpu_ms, row.upload_bytes)
+
+    def check_run(self, workspace: str) -> None:
+        """Raise :class:`QuotaExceeded` when the workspace has no run or CPU time left today."""
+        quota = self.quota(workspace)
+        used = self.usage(workspace)
+        if used.runs >= quota.runs_per_day:
+            raise QuotaExceeded(
+                f"workspace {workspace!r} has used {used.runs} of its {quota.runs_per_day} runs "
+                f"today; 0 left, {_until_midnight()}"
+            )
+        cpu_quota_ms = quota.cpu_seconds_per_day * 1000.0
+        if used.cpu_ms >= cpu_quota_ms:
+            raise QuotaExceeded(
+                f"workspace {workspace!r} has used {used.cpu_ms / 1000:.1f} of its "
+                f"{quota.cpu_seconds_per_day} CPU seconds today; 0 left, {_until_midnight()}"
+            )
+
+    def upload_room(self, workspace: str, root: Path) -> UploadRoom:
+        """Bytes an upload into ``workspace`` may still bring; raises when nothing is left."""
+        quota = self.quota(workspace)
+        stored = directory_bytes(root)
+        uploaded = self.usage(workspace).upload_bytes
+        room = UploadRoom(
+            storage_left=quota.storage_mib * MIB - stored,
+            upload_left=quota.upload_mib_per_day * MIB - uploaded,
+        )
+        if room.storage_left <= 0 or room.upload_left <= 0:
+            raise self.upload_refused(workspace, room, None)
+        return room
+
+    def upload_refused(
+        self, workspace: str, room: UploadRoom, size: int | None
+    ) -> StorageQuotaExceeded | QuotaExceeded:
+        """The error for an upload of ``size`` bytes (None: unknown) that does not fit."""
+        quota = self.quota(workspace)
+        wanted = "" if size is None else f" for more than {size / MIB:.1f} MiB"
+        if room.storage_left <= room.upload_left:
+            left = max(0, room.storage_left)
+            stored = quota.storage_mib * MIB - room.storage_left
+            return StorageQuotaExceeded(
+                f"workspace {workspace!r} stores {stored / MIB:.1f} of its {quota.storage_mib} "
+                f"MiB; {left / MIB:.1f} MiB left{wanted}: delete files first"
+            )
+        left = max(0, room.upload_left)
+        uploaded = quota.upload_mib_per_day * MIB - room.upload_left
+        return QuotaExceeded(
+            f"workspace {workspace!r} has uploaded {uploaded / MIB:.1f} of its "
+            f"{quota.upload_mib_per_day} MiB today; {left / MIB:.1f} MiB left{wanted}, "
+            f"{_until_midnight()}"
+        )
+
+    def record_run(self, session: Session, workspace: str, cpu_ms: float | None) -> None:
+        self._add(session, workspace, runs=1, cpu_ms=cpu_ms or 0.0, upload_bytes=0)
+
+    def record_upload(self, workspace: str, size: int) -> None:
+        with self._db.session() as session:
+            self._add(session, workspace, runs=0, cpu_ms=0.0, upload_bytes=size)
+
+    def _add(
+        self, session: Session, workspace: str, *, runs: int, cpu_ms: float, upload_bytes: int
+    ) -> None:
+        """Add to today's counters in one statement (no lost update between servers)."""
+        values = {
+            "workspace": workspace,
+            "day": utc_day(),
+            "runs": runs,
+            "cpu_ms": cpu_ms,
+            "upload_bytes": upload_bytes,
+        }
+        dialect = session.get_bind().dialect.name
+        if dialect in {"sqlite", "postgresql"}:
+            insert = sqlite_insert if dialect == "sqlite" else pg_insert
+            stmt = insert(UsageRow).values(**values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["workspace", "day"],
+                set_={
+                    "runs": UsageRow.runs + runs,
+                    "cpu_ms": UsageRow.cpu_ms + cpu_ms,
+                    "upload_bytes": UsageRow.upload_bytes + upload_bytes,
+                },
+            )
+            session.execute(stmt)
+            return
+        row = session.scalar(
+            select(UsageRow)
+            .where(UsageRow.workspace == workspace, UsageRow.day == values["day"])
+            .with_for_update()
+        )
+        if row is None:
+            session.add(UsageRow(**values))
+        else:
+            row.runs += runs
+            row.cpu_ms += cpu_ms
+            row.upload_bytes += upload_bytes
