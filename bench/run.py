@@ -67,12 +67,48 @@ class Plan:
     rss_runs: int
     rss_batch: int
     big_print_mib: int
+    overhead_requests: int
+    audit_lines: int
 
 
 FULL = Plan("full", warmup=20, requests_c1=200, requests_c4=400, bare_runs=200, rss_runs=1000,
-            rss_batch=100, big_print_mib=1024)  # fmt: skip
+            rss_batch=100, big_print_mib=1024, overhead_requests=2000,
+            audit_lines=200_000)  # fmt: skip
 QUICK = Plan("quick", warmup=5, requests_c1=25, requests_c4=50, bare_runs=40, rss_runs=100,
-             rss_batch=50, big_print_mib=1024)  # fmt: skip
+             rss_batch=50, big_print_mib=1024, overhead_requests=300,
+             audit_lines=50_000)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Security:
+    """What multi-user Nox costs: auth, policy, rate limit, quota and audit per /run_py, and
+    how fast the audit log verifies."""
+
+    on_p50_ms: float
+    off_p50_ms: float
+    requests: int
+    audit_lines: int
+    verify_lines_per_s: float
+    append_p50_us: float
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.on_p50_ms - self.off_p50_ms
+
+
+def measure_security(plan: Plan) -> Security:
+    import audit_verify
+    import overhead
+
+    on, off = overhead.measure(plan.overhead_requests)
+    return Security(
+        on_p50_ms=on,
+        off_p50_ms=off,
+        requests=plan.overhead_requests,
+        audit_lines=plan.audit_lines,
+        verify_lines_per_s=audit_verify.measure(plan.audit_lines),
+        append_p50_us=audit_verify.measure_append(1000),
+    )
 
 
 @dataclass(frozen=True)
@@ -585,7 +621,9 @@ def _cell(cells: list[Cell], server: str, route: str, concurrency: int) -> Cell:
     raise KeyError((server, route, concurrency))
 
 
-def evaluate(cells: list[Cell], bare: Stats, rss: RssRuns, big: BigPrint) -> list[Target]:
+def evaluate(
+    cells: list[Cell], bare: Stats, rss: RssRuns, big: BigPrint, sec: Security
+) -> list[Target]:
     warm1 = _cell(cells, "warm", PY.route, 1)
     cold1 = _cell(cells, "cold", PY.route, 1)
     warm4 = _cell(cells, "warm", PY.route, 4)
@@ -628,6 +666,18 @@ def evaluate(cells: list[Cell], bare: Stats, rss: RssRuns, big: BigPrint) -> lis
             f"HTTP {big.http_status}, status {big.run_status}",
             "< 20 MiB, HTTP 200",
             big_ok and big.growth_mib < 20,
+        ),
+        Target(
+            "auth + policy + rate limit + quota + audit add <= 1 ms p50 to /run_py",
+            f"{sec.overhead_ms:.3f} ms ({sec.on_p50_ms:.3f} on, {sec.off_p50_ms:.3f} off)",
+            "<= 1 ms",
+            sec.overhead_ms <= 1.0,
+        ),
+        Target(
+            "audit verify reads >= 100,000 lines/s",
+            f"{sec.verify_lines_per_s:,.0f} lines/s over {sec.audit_lines:,} lines",
+            ">= 100,000 lines/s",
+            sec.verify_lines_per_s >= 100_000,
         ),
     ]
 
@@ -693,6 +743,7 @@ class Report:
     cells: list[Cell]
     rss_runs: RssRuns
     big_print: BigPrint
+    security: Security
     targets: list[Target]
 
     @property
@@ -702,6 +753,7 @@ class Report:
 
 def render_markdown(r: Report) -> str:
     m, plan, bare, rss, big = r.machine, r.plan, r.bare, r.rss_runs, r.big_print
+    sec = r.security
     lines = [
         SECTION_START,
         "## Latest results",
@@ -764,12 +816,27 @@ def render_markdown(r: Report) -> str:
         f"| {_f(max([rss.before_mib, *rss.samples_mib]), 1)} | {_f(rss.after_mib, 1)} "
         f"| {rss.growth_mib:+.2f} | {rss.failed} failed; after each {plan.rss_batch}: "
         f"{', '.join(f'{s:.1f}' for s in rss.samples_mib)} |",
-        f"| one run printing {big.printed_mib} MiB (`NOX_OUTPUT_HARD_BYTES=2147483648`, "
+        f"| one run printing {big.printed_mib} MiB (policy `output_hard_bytes: 2147483648`, "
         f"`timeout_s` 60) | {_f(big.before_mib, 1)} | {_f(big.peak_mib, 1)} "
         f"| {_f(big.after_mib, 1)} | {big.growth_mib:+.2f} | HTTP {big.http_status}, status "
         f"{big.run_status}, {big.client_s:.2f} s end to end (server `duration_ms` "
         f"{_f(big.server_duration_ms, 0)}), {big.stdout_chars} stdout characters kept, "
         f"truncated {big.stdout_truncated}{'; ' + big.error if big.error else ''} |",
+        "",
+        "### Multi-user cost (auth, policy, rate limit, quota, audit)",
+        "",
+        "`bench/overhead.py`: the same server (fake sandbox, uvicorn on 127.0.0.1 in the benchmark "
+        f"process) answers {sec.requests} `/run_py` `print(1)` with everything on and "
+        f"{sec.requests} with the caller's dependency overridden and quota and audit off, in "
+        "alternating blocks of 100. `bench/audit_verify.py`: verify a log written by the module.",
+        "",
+        "| measure | value |",
+        "|---|--:|",
+        f"| `/run_py` p50, all on | {sec.on_p50_ms:.3f} ms |",
+        f"| `/run_py` p50, all off | {sec.off_p50_ms:.3f} ms |",
+        f"| cost | {sec.overhead_ms:.3f} ms |",
+        f"| audit verify | {sec.verify_lines_per_s:,.0f} lines/s ({sec.audit_lines:,} lines) |",
+        f"| audit append with fsync, p50 | {sec.append_p50_us:.0f} µs |",
         "",
         "### Targets",
         "",
@@ -805,7 +872,18 @@ def write_section(path: Path, section: str) -> None:
 # -- main ------------------------------------------------------------------------------------
 WARM_ENV = {"NOX_POOL_SIZE": "4"}
 COLD_ENV = {"NOX_POOL_SIZE": "0"}
-BIG_ENV = {"NOX_POOL_SIZE": "1", "NOX_OUTPUT_HARD_BYTES": str(2 << 30), "NOX_MAX_TIMEOUT_S": "120"}
+BIG_ENV = {"NOX_POOL_SIZE": "1"}
+BIG_POLICY = (
+    "limits:\n  maxima:\n    output_hard_bytes: 2147483648\n    timeout_s: 120\n    cpu_s: 120\n"
+)
+# Every run of the benchmark is one runner at full speed: the shipped rate limits would refuse it.
+BENCH_POLICY = "rate_limits:\n  roles:\n    admin: 1000000/minute\n    runner: 1000000/minute\n"
+
+
+def _policy_file(folder: Path, name: str, text: str) -> str:
+    path = folder / name
+    path.write_text(text)
+    return str(path)
 
 
 def _latency_cells(server: Server, plan: Plan) -> Iterator[Cell]:
@@ -814,20 +892,28 @@ def _latency_cells(server: Server, plan: Plan) -> Iterator[Cell]:
             yield measure_cell(server, work, concurrency, requests, plan)
 
 
-def run(plan: Plan) -> tuple[list[Cell], Stats, RssRuns, BigPrint]:
+def run(plan: Plan, policies: Path) -> tuple[list[Cell], Stats, RssRuns, BigPrint, Security]:
+    bench_policy = _policy_file(policies, "bench.yaml", BENCH_POLICY)
+    warm_env = {**WARM_ENV, "NOX_POLICY_FILE": bench_policy}
+    cold_env = {**COLD_ENV, "NOX_POLICY_FILE": bench_policy}
+    big_env = {**BIG_ENV, "NOX_POLICY_FILE": _policy_file(policies, "big.yaml", BIG_POLICY)}
     print("yardstick", file=sys.stderr)
     bare = measure_bare(plan.bare_runs, plan.warmup)
     print("warm server (NOX_POOL_SIZE=4)", file=sys.stderr)
-    with Server("warm", WARM_ENV) as warm:
+    with Server("warm", warm_env) as warm:
         cells = list(_latency_cells(warm, plan))
         rss = measure_rss_runs(warm, plan)
     print("cold server (NOX_POOL_SIZE=0)", file=sys.stderr)
-    with Server("cold", COLD_ENV) as cold:
+    with Server("cold", cold_env) as cold:
         cells += list(_latency_cells(cold, plan))
-    print("big-output server (NOX_OUTPUT_HARD_BYTES=2 GiB)", file=sys.stderr)
-    with Server("big", BIG_ENV) as big_server:
+    print("big-output server (policy output_hard_bytes 2 GiB)", file=sys.stderr)
+    with Server("big", big_env) as big_server:
         big = measure_big_print(big_server, plan)
-    return cells, bare, rss, big
+    print("multi-user cost and audit verify", file=sys.stderr)
+    security = measure_security(plan)
+    print(f"  overhead {security.overhead_ms:.3f} ms, verify "
+          f"{security.verify_lines_per_s:,.0f} lines/s", file=sys.stderr)  # fmt: skip
+    return cells, bare, rss, big, security
 
 
 def _finite(value: Any) -> Any:
@@ -863,7 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.monotonic()
     load_start = os.getloadavg()[0]
     try:
-        cells, bare, rss, big = run(plan)
+        with tempfile.TemporaryDirectory(prefix="nox-bench-policy-") as policies:
+            cells, bare, rss, big, security = run(plan, Path(policies))
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
@@ -882,7 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         cells=cells,
         rss_runs=rss,
         big_print=big,
-        targets=evaluate(cells, bare, rss, big),
+        security=security,
+        targets=evaluate(cells, bare, rss, big, security),
     )
     write_section(args.output, render_markdown(report))
     raw = asdict(report) | {"started_utc": started.isoformat(), "all_passed": report.all_passed}

@@ -49,7 +49,7 @@ class Nox:
             raise ConfigError(f"NOX_POLICY_FILE: {exc.message}") from None
         db = Database(settings.sqlalchemy_url)
         db.migrate()
-        auditor = Auditor(open_audit_log(settings, db))
+        auditor = Auditor(open_audit_log(settings, db, background=True))
         if sandbox is None:
             sandbox = build_sandbox(settings, ceiling_of(policy.current))
         else:
@@ -113,7 +113,7 @@ class Nox:
     def close(self) -> None:
         self.policy.stop_watching()
         self.sandbox.close()
-        self.auditor.log.close()
+        self.auditor.close()
         self.db.close()
 
 

@@ -729,6 +729,10 @@ class AuditLog:
         self._tail: _Tail | None = None
         _LIVE_LOGS.add(self)
 
+    @property
+    def checkpoint_store(self) -> CheckpointStore | None:
+        return self._checkpoint
+
     def __enter__(self) -> AuditLog:
         return self
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from sqlalchemy import select, update
 
 from nox_api.config import Settings
 from nox_api.services.audit import (
@@ -27,35 +31,106 @@ log = logging.getLogger("nox.audit")
 
 
 class DatabaseCheckpointStore:
-    """The checkpoint (line count and last MAC) in the ``audit_checkpoint`` table."""
+    """The checkpoint (line count and last MAC) in the ``audit_checkpoint`` table.
 
-    def __init__(self, db: Database) -> None:
+    ``save`` only hands the newest checkpoint to a writer thread, which stores it within
+    ``delay_s``: a database write per audited request would double the audit's cost. The log may
+    run ahead of its checkpoint (verification allows that); :meth:`flush` writes it at once.
+    """
+
+    def __init__(self, db: Database, *, background: bool = True, delay_s: float = 0.05) -> None:
         self._db = db
+        self._delay_s = delay_s
+        self._background = background
+        self._pending: Checkpoint | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def load(self) -> Checkpoint | None:
+        with self._cond:
+            if self._pending is not None:
+                return self._pending
         with self._db.session() as session:
-            row = session.get(AuditCheckpointRow, 1)
-            return None if row is None else Checkpoint(row.count, row.last_mac)
+            row = session.execute(
+                select(AuditCheckpointRow.count, AuditCheckpointRow.last_mac).where(
+                    AuditCheckpointRow.id == 1
+                )
+            ).first()
+            return None if row is None else Checkpoint(int(row[0]), str(row[1]))
 
     def save(self, cp: Checkpoint) -> None:
+        if not self._background:
+            self._write(cp)
+            return
+        with self._cond:
+            self._pending = cp
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._write_loop, name="nox-audit-checkpoint", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        if self._closed:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the newest checkpoint now."""
+        with self._cond:
+            cp, self._pending = self._pending, None
+        if cp is not None:
+            self._write(cp)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(self._delay_s)  # let a burst of appends share one write
+            try:
+                self.flush()
+            except Exception:
+                log.exception("could not store the audit checkpoint")
+
+    def _write(self, cp: Checkpoint) -> None:
+        now = datetime.now(UTC)
         with self._db.session() as session:
-            row = session.get(AuditCheckpointRow, 1)
-            now = datetime.now(UTC)
-            if row is None:
-                session.add(AuditCheckpointRow(id=1, count=cp.count, last_mac=cp.last_mac,
-                                               updated_at=now))  # fmt: skip
-            else:
-                row.count, row.last_mac, row.updated_at = cp.count, cp.last_mac, now
+            updated = session.execute(
+                update(AuditCheckpointRow)
+                .where(AuditCheckpointRow.id == 1, AuditCheckpointRow.count <= cp.count)
+                .values(count=cp.count, last_mac=cp.last_mac, updated_at=now)
+            )
+            if not getattr(updated, "rowcount", 0):
+                exists = session.execute(
+                    select(AuditCheckpointRow.id).where(AuditCheckpointRow.id == 1)
+                ).first()
+                if exists is None:
+                    session.add(
+                        AuditCheckpointRow(
+                            id=1, count=cp.count, last_mac=cp.last_mac, updated_at=now
+                        )
+                    )
 
 
-def open_audit_log(settings: Settings, db: Database) -> AuditLog:
-    """The data folder's audit log with its key (``NOX_AUDIT_KEY`` or ``audit.key``)."""
+def open_audit_log(settings: Settings, db: Database, *, background: bool = False) -> AuditLog:
+    """The data folder's audit log with its key (``NOX_AUDIT_KEY`` or ``audit.key``); the
+    server stores checkpoints in the ``background``, the command line at once."""
     env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
     key = load_or_create_key(settings.data_path, env_key)
     return AuditLog(
         settings.audit_dir,
         key,
-        checkpoint=DatabaseCheckpointStore(db),
+        checkpoint=DatabaseCheckpointStore(db, background=background),
         max_bytes=settings.audit_max_bytes,
     )
 
@@ -112,3 +187,10 @@ class Auditor:
 
     def verify(self) -> VerifyReport:
         return self.log.verify()
+
+    def close(self) -> None:
+        """Close the log and store its newest checkpoint."""
+        self.log.close()
+        store = self.log.checkpoint_store
+        if isinstance(store, DatabaseCheckpointStore):
+            store.close()

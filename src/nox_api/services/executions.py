@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -86,7 +87,15 @@ class ExecutionService:
             memory_mib=memory,
         )
 
-    def run(self, caller: Caller, body: RunPython | RunShell) -> Execution:
+    def run(
+        self,
+        caller: Caller,
+        body: RunPython | RunShell,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Execution:
+        """Run ``body`` for ``caller``. ``defer`` (the route's background tasks) takes the
+        audit record of a finished run off the answer's path: it is written and fsync'ed right
+        after the answer is sent, instead of before."""
         principal = caller.principal
         if principal is None:
             raise RuntimeError("a run needs an authenticated caller")
@@ -156,14 +165,15 @@ class ExecutionService:
             ),
         )
         self._save(execution, principal, source)
-        self._auditor.record(
-            "run",
-            caller,
-            id=execution.id,
-            status=execution.status.value,
-            exit_code=execution.exit_code,
-            **audit,
-        )
+
+        def record() -> None:
+            self._auditor.record("run", caller, id=execution.id, status=execution.status.value,
+                                 exit_code=execution.exit_code, **audit)  # fmt: skip
+
+        if defer is None:
+            record()
+        else:
+            defer(record)
         return execution
 
     def _check_sizes(self, policy: Policy, source: str, stdin: str | None, what: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -22,6 +22,11 @@ from nox_api.storage.models import UsageRow
 __all__ = ["QuotaService", "UploadRoom", "Usage", "directory_bytes", "utc_day"]
 
 MIB = 1024 * 1024
+
+
+_USAGE = select(UsageRow.runs, UsageRow.cpu_ms, UsageRow.upload_bytes).where(
+    UsageRow.workspace == bindparam("ws"), UsageRow.day == bindparam("day")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +87,9 @@ class QuotaService:
         return self._policy.current.quota_for(workspace)
 
     def usage(self, workspace: str, day: str | None = None) -> Usage:
-        with self._db.session() as session:
-            row = session.get(UsageRow, (workspace, day or utc_day()))
-            if row is None:
-                return Usage()
-            return Usage(row.runs, row.cpu_ms, row.upload_bytes)
+        with self._db.connection() as conn:
+            row = conn.execute(_USAGE, {"ws": workspace, "day": day or utc_day()}).first()
+        return Usage() if row is None else Usage(int(row[0]), float(row[1]), int(row[2]))
 
     def check_run(self, workspace: str) -> None:
         """Raise :class:`QuotaExceeded` when the workspace has no run or CPU time left today."""
