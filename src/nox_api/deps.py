@@ -122,14 +122,8 @@ def require(permission: Permission) -> Callable[..., Caller]:
         principal = caller.principal
         assert principal is not None  # noqa: S101 - _authenticate never returns without one
         request.state.principal = principal
-        if permission not in ROLE_PERMISSIONS[principal.role]:
-            nox.auditor.record(
-                "auth", caller, outcome="denied", target=request.url.path,
-                reason=f"needs {permission.value}",
-            )  # fmt: skip
-            raise Forbidden(
-                f"the {principal.role.value} role may not do this (needs {permission.value})"
-            )
+        # Counted before the permission check: forbidden requests spend the rate limit too
+        # (each is audited; a flood of them must not turn into a flood of audit writes).
         rate = nox.policy.current.rate_for(principal.role, principal.id, principal.name)
         state = nox.limiter.hit(f"token:{principal.id}", rate)
         headers = state.headers()
@@ -138,6 +132,14 @@ def require(permission: Permission) -> Callable[..., Caller]:
             raise RateLimited(
                 f"rate limit of {rate} reached for token {principal.name!r}; "
                 f"try again in {state.reset_s} s"
+            )
+        if permission not in ROLE_PERMISSIONS[principal.role]:
+            nox.auditor.record(
+                "auth", caller, outcome="denied", target=request.url.path,
+                reason=f"needs {permission.value}",
+            )  # fmt: skip
+            raise Forbidden(
+                f"the {principal.role.value} role may not do this (needs {permission.value})"
             )
         response.headers.update(headers)
         return caller

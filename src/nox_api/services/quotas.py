@@ -50,6 +50,17 @@ def utc_day(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%Y-%m-%d")
 
 
+def seconds_until_midnight(now: datetime | None = None) -> int:
+    now = now or datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - now).total_seconds()))
+
+
+def _retry(now: datetime | None = None) -> dict[str, str]:
+    """A daily quota has room again at 00:00 UTC."""
+    return {"Retry-After": str(seconds_until_midnight(now))}
+
+
 def _until_midnight(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -98,13 +109,15 @@ class QuotaService:
         if used.runs >= quota.runs_per_day:
             raise QuotaExceeded(
                 f"workspace {workspace!r} has used {used.runs} of its {quota.runs_per_day} runs "
-                f"today; 0 left, {_until_midnight()}"
+                f"today; 0 left, {_until_midnight()}",
+                headers=_retry(),
             )
         cpu_quota_ms = quota.cpu_seconds_per_day * 1000.0
         if used.cpu_ms >= cpu_quota_ms:
             raise QuotaExceeded(
                 f"workspace {workspace!r} has used {used.cpu_ms / 1000:.1f} of its "
-                f"{quota.cpu_seconds_per_day} CPU seconds today; 0 left, {_until_midnight()}"
+                f"{quota.cpu_seconds_per_day} CPU seconds today; 0 left, {_until_midnight()}",
+                headers=_retry(),
             )
 
     def upload_room(self, workspace: str, root: Path) -> UploadRoom:
@@ -138,7 +151,8 @@ class QuotaService:
         return QuotaExceeded(
             f"workspace {workspace!r} has uploaded {uploaded / MIB:.1f} of its "
             f"{quota.upload_mib_per_day} MiB today; {left / MIB:.1f} MiB left{wanted}, "
-            f"{_until_midnight()}"
+            f"{_until_midnight()}",
+            headers=_retry(),
         )
 
     def record_run(self, session: Session, workspace: str, cpu_ms: float | None) -> None:
