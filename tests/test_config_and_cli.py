@@ -134,3 +134,55 @@ def test_configuration_doc_lists_every_setting() -> None:
     assert documented == expected
     for name, field in Settings.model_fields.items():
         assert field.description, f"{name} has no description"
+
+
+def test_token_list_and_revoke_offline_are_audited(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    monkeypatch.setenv("NOX_DATA_DIR", str(settings.data_dir))
+    runner = CliRunner()
+    secret = runner.invoke(cli_app, ["token", "create", "--name", "ci-bot"]).output.strip()
+    db = Database(settings.sqlalchemy_url)
+    try:
+        principal = TokenService(db).authenticate(secret)
+        assert principal is not None
+        listed = runner.invoke(cli_app, ["token", "list"])
+        assert listed.exit_code == 0, listed.output
+        assert principal.id in listed.output
+        assert "ci-bot" in listed.output
+        assert "active" in listed.output
+        assert secret not in listed.output
+        revoked = runner.invoke(cli_app, ["token", "revoke", principal.id])
+        assert revoked.exit_code == 0, revoked.output
+        assert TokenService(db).authenticate(secret) is None
+        assert "revoked" in runner.invoke(cli_app, ["token", "list"]).output
+        unknown = runner.invoke(cli_app, ["token", "revoke", "nope"])
+        assert unknown.exit_code == 4
+        assert "no token with id 'nope'" in unknown.output
+    finally:
+        db.close()
+    audit_text = (settings.audit_dir / "audit.jsonl").read_text()
+    assert '"action":"token.create"' in audit_text
+    assert '"action":"token.revoke"' in audit_text
+    assert secret not in audit_text
+    verified = runner.invoke(cli_app, ["audit", "verify"])
+    assert verified.exit_code == 0, verified.output
+    assert "audit log intact: 2 entries" in verified.output
+
+
+def test_audit_verify_exits_1_on_a_tampered_log(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    monkeypatch.setenv("NOX_DATA_DIR", str(settings.data_dir))
+    runner = CliRunner()
+    for name in ("one", "two", "three"):
+        assert runner.invoke(cli_app, ["token", "create", "--name", name]).exit_code == 0
+    log = settings.audit_dir / "audit.jsonl"
+    assert runner.invoke(cli_app, ["audit", "verify", str(log)]).exit_code == 0
+    log.write_text(log.read_text().replace('"name":"two"', '"name":"tw0"'))
+    result = runner.invoke(cli_app, ["audit", "verify"])
+    assert result.exit_code == 1
+    assert "TAMPERED at line 2" in result.output
+    assert "edited" in result.output
+    missing = runner.invoke(cli_app, ["audit", "verify", str(settings.data_dir / "nope")])
+    assert missing.exit_code == 2
