@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -58,7 +60,6 @@ def serve(
     from nox_api.app import create_app
     from nox_api.services.policy import load_policy
     from nox_api.services.tokens import Role, TokenService
-    from nox_api.storage.db import Database
 
     settings = _settings(host=host, port=port)
     logging.basicConfig(
@@ -66,18 +67,16 @@ def serve(
     )
     try:
         load_policy(settings.policy_path)  # a bad policy file stops start-up here, exit 2
-        settings.data_path.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        tokens = TokenService(db)
-        if settings.api_token is None and tokens.count() == 0:
-            issued = tokens.create("admin", Role.ADMIN)
-            typer.echo(
-                "\n  Nox created the first admin token. It is shown this once; keep it safe:\n\n"
-                f"    {issued.secret}\n\n"
-                "  Use it as:  curl -H 'Authorization: Bearer <token>' ...\n"
-            )
-        db.close()
+        with _local_database(settings) as db:
+            tokens = TokenService(db)
+            if settings.api_token is None and tokens.count() == 0:
+                issued = tokens.create("admin", Role.ADMIN)
+                typer.echo(
+                    "\n  Nox created the first admin token. It is shown this once; keep it "
+                    "safe:\n\n"
+                    f"    {issued.secret}\n\n"
+                    "  Use it as:  curl -H 'Authorization: Bearer <token>' ...\n"
+                )
     except NoxError as exc:
         raise _fail(exc) from None
     except OSError as exc:
@@ -104,7 +103,6 @@ def token_create(
 ) -> None:
     """Create a token in the local database and print its secret (shown this once)."""
     from nox_api.services.tokens import Role, TokenService
-    from nox_api.storage.db import Database
 
     try:
         parsed_role = Role(role)
@@ -113,18 +111,29 @@ def token_create(
         raise typer.Exit(2) from None
     settings = _settings()
     try:
-        settings.data_path.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        issued = TokenService(db).create(name, parsed_role, workspace, expires_in_days)
-        _audit_offline(
-            settings, db, "token.create", workspace=workspace, target=issued.principal.id,
-            name=name, role=parsed_role.value,
-        )  # fmt: skip
-        db.close()
+        with _local_database(settings) as db:
+            issued = TokenService(db).create(name, parsed_role, workspace, expires_in_days)
+            _audit_offline(
+                settings, db, "token.create", workspace=workspace, target=issued.principal.id,
+                name=name, role=parsed_role.value,
+            )  # fmt: skip
     except NoxError as exc:
         raise _fail(exc) from None
     typer.echo(issued.secret)
+
+
+@contextmanager
+def _local_database(settings: Settings) -> Iterator[Database]:
+    """The data folder's database, migrated, closed afterwards: what the offline commands use."""
+    from nox_api.storage.db import Database
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        db.migrate()
+        yield db
+    finally:
+        db.close()
 
 
 def _audit_offline(settings: Settings, db: Database, action: str, **fields: Any) -> None:
@@ -145,14 +154,11 @@ def token_list(
 ) -> None:
     """List the tokens of the local database (never their secrets)."""
     from nox_api.services.tokens import TokenService
-    from nox_api.storage.db import Database
 
     settings = _settings()
     try:
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        items = TokenService(db).list(workspace)
-        db.close()
+        with _local_database(settings) as db:
+            items = TokenService(db).list(workspace)
     except NoxError as exc:
         raise _fail(exc) from None
     typer.echo(f"{'ID':<16}  {'NAME':<24}  {'ROLE':<6}  {'WORKSPACE':<16}  {'STATE':<8}  EXPIRES")
@@ -171,16 +177,13 @@ def token_revoke(
 ) -> None:
     """Revoke a token: a running server refuses it at its next request."""
     from nox_api.services.tokens import TokenService
-    from nox_api.storage.db import Database
 
     settings = _settings()
     try:
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        info = TokenService(db).revoke(token_id)
-        _audit_offline(settings, db, "token.revoke", workspace=info.workspace, target=info.id,
-                       name=info.name)  # fmt: skip
-        db.close()
+        with _local_database(settings) as db:
+            info = TokenService(db).revoke(token_id)
+            _audit_offline(settings, db, "token.revoke", workspace=info.workspace,
+                           target=info.id, name=info.name)  # fmt: skip
     except NoxError as exc:
         raise _fail(exc) from None
     typer.echo(f"revoked {info.id} ({info.name})")
@@ -195,29 +198,24 @@ def audit_verify(
 ) -> None:
     """Check the audit log's MAC chain (and, for the whole log, its checkpoint). Exit 0 when
     intact, 1 when tampered."""
-    from nox_api.services.audit import load_or_create_key, verify_files
-    from nox_api.services.auditing import DatabaseCheckpointStore, open_audit_log
-    from nox_api.storage.db import Database
+    from nox_api.services.audit import CURRENT_FILE, verify_files
+    from nox_api.services.auditing import DatabaseCheckpointStore, audit_key, open_audit_log
 
     settings = _settings()
+    if file is not None and not file.is_file():
+        typer.echo(f"nox-api: {file} is not a file", err=True)
+        raise typer.Exit(2)
     try:
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        if file is None:
-            with open_audit_log(settings, db) as audit_log:
-                report = audit_log.verify()
-        else:
-            if not file.is_file():
-                typer.echo(f"nox-api: {file} is not a file", err=True)
-                raise typer.Exit(2)
-            env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
-            key = load_or_create_key(settings.data_path, env_key)
-            checkpoint = None
-            if file.resolve() == (settings.audit_dir / "audit.jsonl").resolve():
-                checkpoint = DatabaseCheckpointStore(db).load()
-            # One file alone: its first line continues a chain that starts in an older file.
-            report = verify_files([file], key, checkpoint, partial=True)
-        db.close()
+        with _local_database(settings) as db:
+            if file is None:
+                with open_audit_log(settings, db) as audit_log:
+                    report = audit_log.verify()
+            else:
+                checkpoint = None
+                if file.resolve() == (settings.audit_dir / CURRENT_FILE).resolve():
+                    checkpoint = DatabaseCheckpointStore(db).load()
+                # One file alone: its first line continues a chain that starts in an older one.
+                report = verify_files([file], audit_key(settings), checkpoint, partial=True)
     except NoxError as exc:
         raise _fail(exc) from None
     except ValueError as exc:

@@ -151,7 +151,7 @@ class Cgroup:
             with contextlib.suppress(OSError):
                 _write(kill_file, "1")
             return
-        for _ in range(20 if wait else 1):
+        for _ in range(20):
             pids = self.pids_in()
             if not pids:
                 return

@@ -416,16 +416,16 @@ def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: b
         oom_base = group.oom_kills()
 
     pump = _Pump(sp, _orders(spec, memory_by_rlimit), spec.stdin, lim)
-    handed_off = False
+    reported = False  # the program reported its end: the sandbox is torn down off the path
+    cpu_ms: float | None
     try:
         start = time.monotonic()
         stop_reason = pump.run(start + lim.timeout_s)
         duration_ms = (time.monotonic() - start) * 1000.0
         if stop_reason == "done" and pump.reported is not None:
-            # The program is over: what it left behind is killed now, without waiting, and
-            # the sandbox is torn down and reaped off the request path.
-            exit_code, cpu_ms_reported = pump.reported
-            cpu_ms: float | None = cpu_ms_reported
+            # The program is over: what it left behind is killed now, without waiting.
+            reported = True
+            exit_code, cpu_ms = pump.reported
             stop_reason = None
             _kill(sp, wait=False)
         else:
@@ -433,7 +433,7 @@ def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: b
                 _kill(sp)
             exit_code, cpu_ms = _reap(sp.proc)
     finally:
-        if sp.proc.returncode is None and pump.reported is None:  # never leave one running
+        if sp.proc.returncode is None and not reported:  # never leave one running
             _kill(sp)
             _reap(sp.proc)
         pump.close()
@@ -444,10 +444,9 @@ def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: b
         if cpu_now is not None:
             cpu_ms = (cpu_now - cpu_base) / 1e6
         oom = group.oom_kills() > oom_base
-    if pump.reported is not None and sp.proc.returncode is None:
-        _reaper.submit(sp)
-        handed_off = True
-    if not handed_off:
+    if reported:
+        _reaper.submit(sp)  # kills, reaps and releases the cgroup
+    else:
         sp.release_cgroup()
 
     stopped_for_output = stop_reason == "output"

@@ -25,7 +25,14 @@ from nox_api.services.tokens import Principal
 from nox_api.storage.db import Database
 from nox_api.storage.models import AuditCheckpointRow
 
-__all__ = ["Auditor", "Caller", "DatabaseCheckpointStore", "code_sha256", "open_audit_log"]
+__all__ = [
+    "Auditor",
+    "Caller",
+    "DatabaseCheckpointStore",
+    "audit_key",
+    "code_sha256",
+    "open_audit_log",
+]
 
 log = logging.getLogger("nox.audit")
 
@@ -122,14 +129,18 @@ class DatabaseCheckpointStore:
                     )
 
 
+def audit_key(settings: Settings) -> bytes:
+    """The audit log's key: ``NOX_AUDIT_KEY``, or ``audit.key`` in the data folder."""
+    env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
+    return load_or_create_key(settings.data_path, env_key)
+
+
 def open_audit_log(settings: Settings, db: Database, *, background: bool = False) -> AuditLog:
     """The data folder's audit log with its key (``NOX_AUDIT_KEY`` or ``audit.key``); the
     server stores checkpoints in the ``background``, the command line at once."""
-    env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
-    key = load_or_create_key(settings.data_path, env_key)
     return AuditLog(
         settings.audit_dir,
-        key,
+        audit_key(settings),
         checkpoint=DatabaseCheckpointStore(db, background=background),
         max_bytes=settings.audit_max_bytes,
     )

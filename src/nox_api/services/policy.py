@@ -40,7 +40,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from nox_api.errors import InvalidRequest
-from nox_api.services.tokens import Role
+from nox_api.services.tokens import Role, is_workspace_name
 
 __all__ = [
     "DEFAULT_DENY_PATTERNS",
@@ -69,7 +69,6 @@ GIB = 1024 * MIB
 MAX_POLICY_BYTES = 1 * MIB
 _MAX_PROBLEMS_SHOWN = 20
 _SETTLE_S = 0.2  # a changed file must stay unchanged this long before the watcher reads it
-_WORKSPACE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONSISTENCY = "policy_consistency"
 
@@ -135,7 +134,7 @@ def _check_regex(value: str) -> str:
 
 
 def _check_workspace(value: str) -> str:
-    if not _WORKSPACE_RE.fullmatch(value):
+    if not is_workspace_name(value):
         raise PydanticCustomError(
             "workspace_name",
             "a workspace name is 1-63 characters of a-z, 0-9, '_' and '-', "

@@ -53,20 +53,18 @@ def utc_day(now: datetime | None = None) -> str:
 
 
 def seconds_until_midnight(now: datetime | None = None) -> int:
+    """Seconds until 00:00 UTC, when the daily quotas have room again."""
     now = now or datetime.now(UTC)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return max(1, int((midnight - now).total_seconds()))
 
 
-def _retry(now: datetime | None = None) -> dict[str, str]:
-    """A daily quota has room again at 00:00 UTC."""
-    return {"Retry-After": str(seconds_until_midnight(now))}
+def _retry() -> dict[str, str]:
+    return {"Retry-After": str(seconds_until_midnight())}
 
 
-def _until_midnight(now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    minutes = max(1, int((midnight - now).total_seconds() // 60))
+def _until_midnight() -> str:
+    minutes = max(1, seconds_until_midnight() // 60)
     return f"the count starts again at 00:00 UTC, in {minutes // 60} h {minutes % 60} min"
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "TOKEN_PREFIX",
     "TokenInfo",
     "TokenService",
+    "is_workspace_name",
     "validate_workspace_name",
 ]
 
@@ -88,8 +89,13 @@ def _info(row: TokenRow) -> TokenInfo:
     )
 
 
+def is_workspace_name(name: str) -> bool:
+    """The one rule for workspace names (tokens, routes, the policy's quotas)."""
+    return _WORKSPACE_RE.fullmatch(name) is not None
+
+
 def validate_workspace_name(name: str) -> str:
-    if not _WORKSPACE_RE.fullmatch(name):
+    if not is_workspace_name(name):
         raise InvalidRequest(
             f"workspace name {name[:70]!r} must be 1-63 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
