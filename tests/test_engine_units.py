@@ -174,3 +174,43 @@ def test_cgroups_of_live_servers_are_not_stale() -> None:
     assert _owner_alive("nox-sb-1-abc")  # pid 1 always runs
     assert not _owner_alive(f"nox-sb-{dead.pid}-abc")
     assert not _owner_alive("nox-sb-0123abcd")  # not of this naming scheme
+
+
+def test_quiet_gate_waits_for_runs_then_a_grace() -> None:
+    from nox_api.engine.quiet import QuietGate
+
+    gate = QuietGate(grace_s=0.05, max_wait_s=2.0)
+    began = time.monotonic()
+    gate.wait()  # nothing ever ran: no wait at all
+    assert time.monotonic() - began < 0.05
+
+    released = threading.Event()
+    waited: list[float] = []
+
+    def housekeeping() -> None:
+        start = time.monotonic()
+        gate.wait()
+        waited.append(time.monotonic() - start)
+        released.set()
+
+    with gate.busy():
+        worker = threading.Thread(target=housekeeping)
+        worker.start()
+        assert not released.wait(0.2)  # held while a run is going
+        run_end = time.monotonic()
+    assert released.wait(2.0)
+    worker.join()
+    after_end = time.monotonic() - run_end
+    assert 0.03 <= after_end < 1.0  # the grace after the run, not the 2 s ceiling
+    assert waited[0] >= 0.2
+
+
+def test_quiet_gate_never_starves_housekeeping() -> None:
+    from nox_api.engine.quiet import QuietGate
+
+    gate = QuietGate(grace_s=0.05, max_wait_s=0.2)
+    with gate.busy():
+        began = time.monotonic()
+        gate.wait()
+        took = time.monotonic() - began
+    assert 0.15 <= took < 1.0

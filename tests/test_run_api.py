@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -11,8 +15,11 @@ from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
 from nox_api.engine.base import RunSpec
 from nox_api.engine.fake import FakeSandbox
+from nox_api.services.auditing import Caller
 from nox_api.services.policy import Policy
+from nox_api.services.tokens import Principal, Role
 from nox_api.storage.models import ExecutionRow
+from noxsdk.models import RunPython
 
 
 def test_run_py_answers_an_execution(client: TestClient, fake: FakeSandbox) -> None:
@@ -164,6 +171,30 @@ def test_every_run_is_saved_to_history(client: TestClient) -> None:
         assert rows[0].actor_id is not None
         assert rows[0].started_at.tzinfo is not None
         assert rows[0].limits is not None
+
+
+def test_history_readers_can_wait_for_rows_written_after_the_answer(client: TestClient) -> None:
+    """The route writes a run's row just after its answer; ``settle`` waits for it."""
+    nox = client.app.state.nox  # type: ignore[attr-defined]
+    deferred: list[Callable[[], None]] = []
+    caller = Caller(Principal("env", "tester", Role.RUNNER, "default"), "127.0.0.1", "rid")
+    execution = nox.executions.run(caller, RunPython(code="print(2)"), deferred.append)
+
+    def count() -> int:
+        with nox.db.session() as session:
+            return len(
+                session.scalars(select(ExecutionRow).where(ExecutionRow.id == execution.id)).all()
+            )
+
+    assert count() == 0  # answered, not yet written
+    assert len(deferred) == 1
+    writer = threading.Timer(0.2, deferred[0])
+    writer.start()
+    began = time.monotonic()
+    nox.executions.settle(timeout_s=5.0)
+    assert time.monotonic() - began >= 0.1
+    assert count() == 1
+    writer.join()
 
 
 def test_sandbox_unavailable_is_503_with_the_fix(settings: Settings, admin_token: str) -> None:

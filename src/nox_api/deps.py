@@ -49,7 +49,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 }
 
 
-def get_nox(request: Request) -> Nox:
+async def get_nox(request: Request) -> Nox:  # async: no worker-thread hop for a lookup
     nox: Nox = request.app.state.nox
     return nox
 
@@ -57,7 +57,7 @@ def get_nox(request: Request) -> Nox:
 NoxDep = Annotated[Nox, Depends(get_nox)]
 
 
-def get_request_id() -> str | None:
+async def get_request_id() -> str | None:
     return correlation_id.get()
 
 

@@ -2,7 +2,8 @@
 
 A sandbox's workspace is bound when it starts, so the pool keeps one queue per workspace. A run
 takes the oldest ready sandbox of its workspace (or gets ``None`` and starts one itself: a miss);
-one background thread refills queues to their size, throws away sandboxes that died, and drops the
+one background thread refills queues to their size (once the runs going on let it: see
+:mod:`.quiet`), throws away sandboxes that died, and drops the
 queues of workspaces idle for longer than ``idle_s``. At most ``max_workspaces`` queues exist;
 the least recently used one makes room for a new one.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nox_api.engine.process import SandboxProcess
+from nox_api.engine.quiet import QuietGate
 
 __all__ = ["PoolStats", "WarmPool"]
 
@@ -49,8 +51,10 @@ class WarmPool:
         size: int,
         idle_s: float,
         max_workspaces: int,
+        quiet: QuietGate | None = None,
     ) -> None:
         self._spawn = spawn
+        self._quiet = quiet
         self._size = size
         self._idle_s = idle_s
         self._max_workspaces = max_workspaces
@@ -164,6 +168,8 @@ class WarmPool:
                 sp.discard()
             if target is None:
                 continue
+            if self._quiet is not None:
+                self._quiet.wait()  # let a run being answered have the CPU first
             try:
                 sp = self._spawn(target)
             except Exception:

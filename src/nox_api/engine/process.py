@@ -30,6 +30,7 @@ from typing import Protocol
 from nox_api.engine import seccomp
 from nox_api.engine.base import MIB, Limits, Result, RunSpec
 from nox_api.engine.cgroups import Cgroup, CgroupManager
+from nox_api.engine.quiet import QuietGate
 from noxsdk.models import ExecutionStatus
 
 __all__ = ["BASE_ENV", "Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
@@ -216,20 +217,25 @@ class _Reaper:
     need not wait for the sandbox's processes and namespaces to be torn down (about 4 ms)."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[SandboxProcess] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[SandboxProcess, QuietGate | None]] = (
+            queue.SimpleQueue()
+        )
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, sp: SandboxProcess) -> None:
+    def submit(self, sp: SandboxProcess, quiet: QuietGate | None = None) -> None:
+        """Tear ``sp`` down once ``quiet`` lets (runs being answered go first)."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="nox-reaper", daemon=True)
                 self._thread.start()
-        self._queue.put(sp)
+        self._queue.put((sp, quiet))
 
     def _loop(self) -> None:
         while True:
-            sp = self._queue.get()
+            sp, quiet = self._queue.get()
+            if quiet is not None:
+                quiet.wait()
             try:
                 _kill(sp)
                 _reap(sp.proc)
@@ -405,8 +411,15 @@ class _Pump:
         _close_pipes(self._sp.proc)
 
 
-def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: bool) -> Result:
-    """Run ``spec`` in the started sandbox ``sp`` and return its :class:`Result`."""
+def supervise(
+    sp: SandboxProcess,
+    spec: RunSpec,
+    memory_by_rlimit: bool,
+    warm: bool,
+    quiet: QuietGate | None = None,
+) -> Result:
+    """Run ``spec`` in the started sandbox ``sp`` and return its :class:`Result`. A sandbox
+    whose program reported its end is killed at once and torn down when ``quiet`` lets."""
     lim = spec.limits
     group = sp.cgroup
     cpu_base = oom_base = 0
@@ -445,7 +458,7 @@ def supervise(sp: SandboxProcess, spec: RunSpec, memory_by_rlimit: bool, warm: b
             cpu_ms = (cpu_now - cpu_base) / 1e6
         oom = group.oom_kills() > oom_base
     if reported:
-        _reaper.submit(sp)  # kills, reaps and releases the cgroup
+        _reaper.submit(sp, quiet)  # kills, reaps and releases the cgroup
     else:
         sp.release_cgroup()
 

@@ -16,6 +16,7 @@ from nox_api.engine import cgroups as cgroups_mod
 from nox_api.engine.base import BackendInfo, Limits, Result, RunSpec, SandboxUnavailable
 from nox_api.engine.pool import PoolStats, WarmPool
 from nox_api.engine.process import Launcher, SandboxProcess, spawn, supervise
+from nox_api.engine.quiet import QuietGate
 from noxsdk.models import ExecutionStatus
 
 __all__ = ["ProcessSandbox"]
@@ -56,7 +57,10 @@ class ProcessSandbox:
         # Warm sandboxes start nice (they compete with running requests for the CPU) when
         # they can take the normal priority back: RLIMIT_NICE 20 allows nice 0, no better.
         self._pool_nice = _POOL_NICE if _allow_normal_priority() else 0
-        self._pool = WarmPool(self._spawn_ahead, pool_size, pool_idle_s, pool_max_workspaces)
+        self._quiet = QuietGate()  # refills and tear-downs wait while runs are answered
+        self._pool = WarmPool(
+            self._spawn_ahead, pool_size, pool_idle_s, pool_max_workspaces, self._quiet
+        )
 
     # -- Sandbox protocol ------------------------------------------------------------------
     def info(self) -> BackendInfo:
@@ -72,12 +76,12 @@ class ProcessSandbox:
         if self._reason is not None:
             raise SandboxUnavailable(self._reason)
         self._check_within_ceiling(spec.limits)
-        with self._slots:
+        with self._slots, self._quiet.busy():
             sp = self._pool.take(spec.workspace)
             warm = sp is not None
             if sp is None:
                 sp = self._spawn(spec.workspace)
-            return supervise(sp, spec, self._launcher.memory_by_rlimit, warm)
+            return supervise(sp, spec, self._launcher.memory_by_rlimit, warm, self._quiet)
 
     def prewarm(self, workspace: Path) -> None:
         if self._reason is None:

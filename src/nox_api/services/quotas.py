@@ -186,9 +186,13 @@ class QuotaService:
             headers=_retry(),
         )
 
+    def count_run(self, workspace: str, cpu_ms: float | None) -> None:
+        """Count a finished run in this server's cached counters at once; its row in the
+        database follows with :meth:`record_run`."""
+        self._count_locally(workspace, 1, cpu_ms or 0.0, 0)
+
     def record_run(self, session: Session, workspace: str, cpu_ms: float | None) -> None:
         self._add(session, workspace, runs=1, cpu_ms=cpu_ms or 0.0, upload_bytes=0)
-        self._count_locally(workspace, 1, cpu_ms or 0.0, 0)
 
     def record_upload(self, workspace: str, size: int) -> None:
         with self._db.session() as session:
