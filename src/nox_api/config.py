@@ -106,7 +106,48 @@ class Settings(BaseSettings):
         10 * MIB, ge=4096, description="Size of the audit log file before it is rotated, bytes."
     )
     max_upload_bytes: int = Field(
-        100 * MIB, ge=1, description="Largest file accepted by /put (413 above)."
+        100 * MIB,
+        ge=1,
+        description="Largest file accepted by /put and PUT /api/files (413 above).",
+    )
+
+    history_keep_runs: int = Field(
+        100_000, ge=0, description="Runs kept in history per workspace (0: no count limit)."
+    )
+    history_keep_days: float = Field(
+        30.0, ge=0, description="Days a run stays in history (0: no age limit)."
+    )
+    retention_interval_s: float = Field(
+        600.0, gt=0, description="Seconds between two passes of the history retention."
+    )
+    search_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Time budget of one file search, seconds."
+    )
+    search_max_bytes: int = Field(
+        256 * MIB, ge=1, description="Bytes one file search reads at most, over all files."
+    )
+    search_file_max_bytes: int = Field(
+        10 * MIB, ge=1, description="Files larger than this are searched by name only, bytes."
+    )
+    disk_free_min_mib: int = Field(
+        1024,
+        ge=0,
+        description="Free space in the data folder below which /api/health/detailed says "
+        "degraded (below a tenth of it: fail), MiB.",
+    )
+    log_max_bytes: int = Field(
+        10 * MIB, ge=4096, description="Size of the server log file before it is rotated, bytes."
+    )
+    log_backups: int = Field(5, ge=1, le=100, description="Rotated server log files kept.")
+    backup_key: SecretStr | None = Field(
+        None,
+        description="Backup encryption key: 64 hex characters (AES-256). Either this or "
+        "NOX_BACKUP_PASSPHRASE is needed to create or restore backups.",
+    )
+    backup_passphrase: SecretStr | None = Field(
+        None,
+        description="Passphrase the backup key is derived from (scrypt, memory-hard), when "
+        "NOX_BACKUP_KEY is not set; 12+ characters.",
     )
 
     @field_validator("sandbox_python")
@@ -137,6 +178,14 @@ class Settings(BaseSettings):
     @property
     def audit_dir(self) -> Path:
         return self.data_path / "audit"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_path / "logs"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.data_path / "backups"
 
     @property
     def policy_path(self) -> Path:

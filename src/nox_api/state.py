@@ -74,7 +74,16 @@ class Nox:
         )
         limiter = RateLimiter(settings.redis_url)
         nox = cls(
-            settings, db, sandbox, workspaces, tokens, policy, limiter, quotas, auditor, executions
+            settings=settings,
+            db=db,
+            sandbox=sandbox,
+            workspaces=workspaces,
+            tokens=tokens,
+            policy=policy,
+            limiter=limiter,
+            quotas=quotas,
+            auditor=auditor,
+            executions=executions,
         )
         policy.on_change(nox._policy_changed)
         policy.start_watching()
