@@ -16,6 +16,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from httpx2 import Response
+from pydantic import SecretStr
 from tests.conftest import write_policy
 
 from nox_api.app import create_app
@@ -25,7 +26,7 @@ from nox_api.engine.fake import FakeSandbox
 from nox_api.services.policy import Policy, parse_policy
 from nox_api.services.tokens import Role, hash_secret
 from nox_api.state import Nox
-from nox_api.storage.models import TokenRow
+from nox_api.storage.models import ExecutionRow, TokenRow
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -86,6 +87,41 @@ def _victim(nox: Nox) -> str:
     return nox.tokens.create("victim", Role.VIEWER).principal.id
 
 
+def _backup_name(nox: Nox) -> str:
+    """A new backup name; the matrix's server gets a backup key for it (it has none)."""
+    if nox.settings.backup_key is None:
+        nox.settings.backup_key = SecretStr("ab" * 32)
+    return f"matrix-{time.monotonic_ns()}"
+
+
+def _backup(nox: Nox) -> str:
+    """A backup to restore, made directly (no request)."""
+    name = _backup_name(nox)
+    nox.backups.create(name, None)
+    return name
+
+
+def _matrix_file(nox: Nox) -> str:
+    """A new file in the default workspace, to read or delete (written directly)."""
+    name = f"matrix{time.monotonic_ns()}.txt"
+    (nox.workspaces.path("default") / name).write_bytes(b"matrix")
+    return name
+
+
+def _history_id(nox: Nox) -> str:
+    """A run in the history of the default workspace (written directly: no sandbox run)."""
+    run_id = f"matrix{time.monotonic_ns()}"
+    with nox.db.session() as s:
+        s.add(
+            ExecutionRow(
+                id=run_id, kind="python", status="ok", exit_code=0, stdout="", stderr="",
+                stdout_truncated=False, stderr_truncated=False, duration_ms=1.0,
+                started_at=datetime.now(UTC), workspace="default", actor="matrix", code="pass",
+            )
+        )  # fmt: skip
+    return run_id
+
+
 # (method, path) -> (least role allowed, None: public; status when allowed; the request)
 ROUTES: dict[tuple[str, str], tuple[Role | None, int, Callable[[Nox], dict[str, Any]]]] = {
     ("GET", "/health"): (None, 200, lambda nox: {"url": "/health"}),
@@ -93,6 +129,27 @@ ROUTES: dict[tuple[str, str], tuple[Role | None, int, Callable[[Nox], dict[str, 
         Role.RUNNER,
         201,
         lambda nox: {"url": "/put", "files": {"file": ("m.txt", b"matrix")}},
+    ),
+    ("GET", "/api/files"): (Role.VIEWER, 200, lambda nox: {"url": "/api/files"}),
+    ("GET", "/api/files/{path:path}"): (
+        Role.VIEWER,
+        200,
+        lambda nox: {"url": f"/api/files/{_matrix_file(nox)}"},
+    ),
+    ("PUT", "/api/files/{path:path}"): (
+        Role.RUNNER,
+        201,
+        lambda nox: {"url": "/api/files/matrix/put.txt", "content": b"matrix"},
+    ),
+    ("DELETE", "/api/files/{path:path}"): (
+        Role.RUNNER,
+        204,
+        lambda nox: {"url": f"/api/files/{_matrix_file(nox)}"},
+    ),
+    ("POST", "/api/files/search"): (
+        Role.VIEWER,
+        200,
+        lambda nox: {"url": "/api/files/search", "json": {"query": "matrix"}},
     ),
     ("POST", "/run_py"): (
         Role.RUNNER,
@@ -105,6 +162,22 @@ ROUTES: dict[tuple[str, str], tuple[Role | None, int, Callable[[Nox], dict[str, 
         lambda nox: {"url": "/run_sh", "json": {"cmd": "echo 1"}},
     ),
     ("GET", "/api/me"): (Role.VIEWER, 200, lambda nox: {"url": "/api/me"}),
+    ("GET", "/api/health/detailed"): (
+        Role.VIEWER,
+        200,
+        lambda nox: {"url": "/api/health/detailed"},
+    ),
+    ("POST", "/api/sandbox/clean"): (
+        Role.ADMIN,
+        200,
+        lambda nox: {"url": "/api/sandbox/clean", "json": {"dry_run": True}},
+    ),
+    ("GET", "/api/logs"): (Role.ADMIN, 200, lambda nox: {"url": "/api/logs?tail=5"}),
+    ("GET", "/api/logs/stream"): (
+        Role.ADMIN,
+        200,
+        lambda nox: {"url": "/api/logs/stream", "params": {"duration_s": 0.05}},
+    ),
     ("POST", "/api/tokens"): (
         Role.ADMIN,
         201,
@@ -117,9 +190,32 @@ ROUTES: dict[tuple[str, str], tuple[Role | None, int, Callable[[Nox], dict[str, 
         lambda nox: {"url": f"/api/tokens/{_victim(nox)}"},
     ),
     ("GET", "/api/audit"): (Role.ADMIN, 200, lambda nox: {"url": "/api/audit"}),
+    ("POST", "/api/backups"): (
+        Role.ADMIN,
+        201,
+        lambda nox: {"url": "/api/backups", "json": {"name": _backup_name(nox)}},
+    ),
+    ("GET", "/api/backups"): (Role.ADMIN, 200, lambda nox: {"url": "/api/backups"}),
+    ("POST", "/api/backups/{name}/restore"): (
+        Role.ADMIN,
+        200,
+        lambda nox: {"url": f"/api/backups/{_backup(nox)}/restore"},
+    ),
     ("GET", "/api/audit/verify"): (Role.ADMIN, 200, lambda nox: {"url": "/api/audit/verify"}),
     ("GET", "/api/policy"): (Role.ADMIN, 200, lambda nox: {"url": "/api/policy"}),
     ("POST", "/api/policy/reload"): (Role.ADMIN, 200, lambda nox: {"url": "/api/policy/reload"}),
+    ("GET", "/api/history"): (Role.VIEWER, 200, lambda nox: {"url": "/api/history"}),
+    ("GET", "/api/history/{execution_id}"): (
+        Role.VIEWER,
+        200,
+        lambda nox: {"url": f"/api/history/{_history_id(nox)}"},
+    ),
+    ("GET", "/api/system/stats"): (Role.VIEWER, 200, lambda nox: {"url": "/api/system/stats"}),
+    ("GET", "/api/system/resources"): (
+        Role.VIEWER,
+        200,
+        lambda nox: {"url": "/api/system/resources"},
+    ),
 }
 
 
@@ -206,12 +302,15 @@ def test_role_matrix_of_every_route(
                 message = _error(resp, 401, "unauthorized")
                 assert message.startswith("missing bearer token")
                 assert resp.headers["WWW-Authenticate"] == "Bearer"
+                # one failed authentication per route: more routes than the shipped policy's
+                # 20 failures a minute per client (tested on its own below)
+                nox.limiter.reset()
             elif _RANK[role] < _RANK[least]:
                 message = _error(resp, 403, "forbidden")
                 need = _NEEDS[least].value
                 assert message == f"the {role.value} role may not do this (needs {need})"
                 assert _NEEDS[least] not in ROLE_PERMISSIONS[role]
-                if method == "DELETE":
+                if method == "DELETE" and path == "/api/tokens/{token_id}":
                     untouched_victims.append(url.rsplit("/", 1)[1])
             else:
                 assert resp.status_code == ok_status, (method, path, who, resp.text)

@@ -226,3 +226,25 @@ def test_an_unexpected_error_is_a_json_500_without_a_trace(
         assert resp.json()["error"]["code"] == "internal"
         assert "secret internals" not in resp.text
         assert "Traceback" not in resp.text
+
+
+def test_settle_waits_only_for_runs_answered_before_it(client: TestClient) -> None:
+    """A reader is not held by runs answered after it started waiting."""
+    nox = client.app.state.nox  # type: ignore[attr-defined]
+    deferred: list[Callable[[], None]] = []
+    caller = Caller(Principal("env", "tester", Role.RUNNER, "default"), "127.0.0.1", "rid")
+    nox.executions.run(caller, RunPython(code="print(1)"), deferred.append)
+    waited = threading.Event()
+
+    def reader() -> None:
+        nox.executions.settle(timeout_s=5.0)
+        waited.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.05)
+    nox.executions.run(caller, RunPython(code="print(2)"), deferred.append)  # a later run
+    deferred[0]()  # the first run's row is written; the second's is not
+    assert waited.wait(2.0)
+    thread.join()
+    deferred[1]()

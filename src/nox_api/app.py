@@ -15,13 +15,14 @@ from nox_api.config import Settings, load_settings
 from nox_api.engine.base import Sandbox
 from nox_api.http_errors import install_error_handlers
 from nox_api.middleware import BodyLimitMiddleware
-from nox_api.routes import admin, health, put, run
+from nox_api.routes import admin, backups, files, health, history, operations, put, run, system
 from nox_api.state import Nox
 
 __all__ = ["create_app"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_STREAMED_PREFIXES = ("/put", "/api/files/")
+# (method, path prefix) of the streaming upload routes, which cap their bodies themselves
+_STREAMED = (("POST", "/put"), ("PUT", "/api/files/"))
 
 
 def _sane_request_id(value: str) -> bool:
@@ -51,11 +52,16 @@ def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None)
     app.include_router(health.router)
     app.include_router(run.router)
     app.include_router(put.router)
+    app.include_router(files.router)
     app.include_router(admin.router)
+    app.include_router(backups.router)
+    app.include_router(history.router)
+    app.include_router(system.router)
+    app.include_router(operations.router)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=lambda: app.state.nox.request_body_limit(),  # noqa: PLW0108 - nox comes later
-        exempt=_STREAMED_PREFIXES,
+        exempt=_STREAMED,
     )
     app.add_middleware(
         CorrelationIdMiddleware,

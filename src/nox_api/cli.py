@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,10 @@ from nox_api.config import Settings, load_settings
 from nox_api.errors import NoxError
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    from nox_api.services.auditing import Caller
+    from nox_api.services.backups import BackupService
     from nox_api.storage.db import Database
 
 __all__ = ["app", "main"]
@@ -34,6 +39,11 @@ token_app = typer.Typer(help="Manage API tokens in the local database.", no_args
 app.add_typer(token_app, name="token")
 audit_app = typer.Typer(help="Check the local audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+backup_app = typer.Typer(
+    help="Create, list and restore encrypted backups of the local data folder.",
+    no_args_is_help=True,
+)
+app.add_typer(backup_app, name="backup")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -83,13 +93,23 @@ def serve(
         typer.echo(f"nox-api: cannot prepare the data folder {settings.data_path}: {exc}", err=True)
         raise typer.Exit(1) from None
     sys.stdout.flush()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        proxy_headers=False,
+    application = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn waits for open responses before it shuts down: end the log streams.
+            nox = getattr(application.state, "nox", None)
+            if nox is not None:
+                nox.logs.end_streams()
+
+    config = uvicorn.Config(
+        application, host=settings.host, port=settings.port, log_level="info", proxy_headers=False
     )
+    server = Server(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # what uvicorn.run exits with when the server could not start
 
 
 @token_app.command("create")
@@ -228,6 +248,112 @@ def audit_verify(
     typer.echo(f"audit log TAMPERED at line {report.first_bad_line}{where}: {report.reason}")
     typer.echo(f"{report.entries} entries verified before it")
     raise typer.Exit(1)
+
+
+# -- backup ----------------------------------------------------------------------------------
+
+
+class _MiBProgress:
+    """MiB done, on stderr: one line updated twice a second on a terminal, else a line every
+    10 seconds (cron mail stays short). Nothing for work done within the first interval."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._tty = sys.stderr.isatty()
+        self._every_s = 0.5 if self._tty else 10.0
+        self._done = 0
+        self._shown = time.monotonic()
+        self._printed = False
+
+    def __call__(self, n: int) -> None:
+        self._done += n
+        now = time.monotonic()
+        if now - self._shown >= self._every_s:
+            self._shown = now
+            self._printed = True
+            line = f"nox-api: {self._what}: {self._done / (1 << 20):,.0f} MiB"
+            typer.echo(f"\r{line}" if self._tty else line, err=True, nl=not self._tty)
+
+    def end(self) -> None:
+        if self._printed and self._tty:
+            typer.echo("", err=True)
+
+
+def _local_caller() -> Caller:
+    import getpass
+
+    from nox_api.services.auditing import Caller
+    from nox_api.services.tokens import Principal, Role
+
+    return Caller(Principal("cli", f"cli:{getpass.getuser()}", Role.ADMIN, "default"), "local")
+
+
+@contextmanager
+def _backup_service(settings: Settings) -> Iterator[BackupService]:
+    from nox_api.services.auditing import Auditor, open_audit_log
+    from nox_api.services.backups import BackupService, sqlite_path, workspace_owner
+
+    sqlite_path(settings)  # before opening anything: only SQLite for now
+    with _local_database(settings) as db, open_audit_log(settings, db) as audit_log:
+        yield BackupService(settings, db, Auditor(audit_log), owner=workspace_owner(settings))
+
+
+@backup_app.command("create")
+def backup_create(
+    name: Annotated[str, typer.Argument(help="The backup's name: NAME.noxbak in data/backups.")],
+) -> None:
+    """Write an encrypted backup of the local data folder (key: NOX_BACKUP_KEY or
+    NOX_BACKUP_PASSPHRASE). Safe while a server runs on it."""
+    settings = _settings()
+    progress = _MiBProgress(f"backing up into {name}")
+    try:
+        with _backup_service(settings) as service:
+            info = service.create(name, _local_caller(), progress)
+            path = service.path_of(name)
+    except NoxError as exc:
+        raise _fail(exc) from None
+    finally:
+        progress.end()
+    typer.echo(f"created {path} ({info.size} bytes, sha256 {info.sha256})")
+
+
+@backup_app.command("list")
+def backup_list() -> None:
+    """List the backups of the local data folder, newest first."""
+    settings = _settings()
+    try:
+        with _backup_service(settings) as service:
+            items = service.list_all()
+    except NoxError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{'NAME':<40}  {'SIZE':>14}  {'CREATED':<20}  SHA256")
+    for item in items:
+        created = item.created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        typer.echo(f"{item.name:<40}  {item.size:>14}  {created:<20}  {item.sha256}")
+
+
+@backup_app.command("restore")
+def backup_restore(
+    name: Annotated[str, typer.Argument(help="The backup to restore (see `backup list`).")],
+) -> None:
+    """Restore a backup into the local data folder; refused while a server runs on it (use the
+    API then). The present state is kept first as the backup pre-restore-<time>."""
+    from nox_api.services.backups import validate_backup_name
+    from nox_api.services.server_lock import ServerLock
+
+    settings = _settings()
+    progress = _MiBProgress(f"restoring {name}")
+    try:
+        validate_backup_name(name)
+        with ServerLock.exclusive(settings.data_path, name), _backup_service(settings) as service:
+            result = service.restore(name, _local_caller(), progress)
+    except NoxError as exc:
+        raise _fail(exc) from None
+    finally:
+        progress.end()
+    counts = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in result.counts.items())
+    typer.echo(f"restored {name}: {counts}")
+    typer.echo(f"the state before it is in the backup {result.pre_restore}")
 
 
 def main() -> None:

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
         return self.data_path / "staging"
 
     @property
+    def probe_dir(self) -> Path:
+        """Where sandbox probes make their throw-away workspaces."""
+        return self.data_path / "probe"
+
+    @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_path / 'nox.db'}"
 

@@ -15,12 +15,16 @@ class BodyLimitMiddleware:
     """Refuse request bodies above ``limit`` bytes with 413 before they are buffered.
 
     JSON routes read the whole body into memory before validating it, so without this a client
-    could make the server hold any amount. Streaming upload routes (``exempt`` prefixes) enforce
-    their own, larger caps while writing to disk.
+    could make the server hold any amount. Streaming upload routes enforce their own, larger
+    caps while writing to disk: ``exempt`` holds their ``(method, path prefix)`` pairs, so that
+    another method on the same prefix (``POST /api/files/search``) stays capped.
     """
 
     def __init__(
-        self, app: ASGIApp, limit: int | Callable[[], int], exempt: tuple[str, ...] = ()
+        self,
+        app: ASGIApp,
+        limit: int | Callable[[], int],
+        exempt: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.app = app
         self._limit = limit
@@ -32,7 +36,7 @@ class BodyLimitMiddleware:
         return self._limit() if callable(self._limit) else self._limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+        if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
         limit = self.limit
@@ -67,6 +71,10 @@ class BodyLimitMiddleware:
                 await send(message)
 
         await self.app(scope, counting_receive, guarded_send)
+
+    def _exempt(self, scope: Scope) -> bool:
+        method, path = scope["method"], scope["path"]
+        return any(method == m and path.startswith(prefix) for m, prefix in self.exempt)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(

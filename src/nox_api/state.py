@@ -11,13 +11,25 @@ from nox_api.config import Settings
 from nox_api.engine.base import Limits, Sandbox, SandboxUnavailable, UnavailableSandbox
 from nox_api.engine.process import Launcher
 from nox_api.errors import ConfigError
+from nox_api.observability.logging import ServerLog
 from nox_api.services.auditing import Auditor, Caller, open_audit_log
+from nox_api.services.backups import BackupService
+from nox_api.services.cleaning import Cleaner
 from nox_api.services.executions import ExecutionService, ceiling_of
+from nox_api.services.file_search import SearchBudget
 from nox_api.services.files import Workspaces
+from nox_api.services.health import HealthService
+from nox_api.services.history import HistoryService
 from nox_api.services.policy import Policy, PolicyError, PolicyStore, install_sighup
 from nox_api.services.quotas import QuotaService
 from nox_api.services.ratelimit import RateLimiter
+from nox_api.services.retention import Retention
+from nox_api.services.scanner import StorageScanner
+from nox_api.services.server_lock import ServerLock
+from nox_api.services.stats import StatsService
+from nox_api.services.system import SystemMonitor
 from nox_api.services.tokens import DEFAULT_WORKSPACE, TokenService
+from nox_api.services.workspace_files import WorkspaceFiles
 from nox_api.storage.db import Database
 
 __all__ = ["Nox", "build_sandbox"]
@@ -31,18 +43,38 @@ class Nox:
     db: Database
     sandbox: Sandbox
     workspaces: Workspaces
+    files: WorkspaceFiles
     tokens: TokenService
     policy: PolicyStore
     limiter: RateLimiter
     quotas: QuotaService
     auditor: Auditor
     executions: ExecutionService
+    backups: BackupService
+    logs: ServerLog
+    health: HealthService
+    cleaner: Cleaner
+    history: HistoryService
+    retention: Retention
+    stats: StatsService
+    system: SystemMonitor
     started: float = field(default_factory=time.time)
 
     @classmethod
     def start(cls, settings: Settings, sandbox: Sandbox | None = None) -> Nox:
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+        logs = ServerLog(settings)  # first, so the start-up's own lines reach the file
+        try:
+            return cls._start(settings, sandbox, logs)
+        except BaseException:
+            logs.close()
+            raise
+
+    @classmethod
+    def _start(cls, settings: Settings, sandbox: Sandbox | None, logs: ServerLog) -> Nox:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
+        server_lock = ServerLock.shared(data)  # no offline restore while this server runs
         try:
             policy = PolicyStore(settings.policy_path)
         except PolicyError as exc:
@@ -61,9 +93,11 @@ class Nox:
             settings.workspaces_dir, settings.staging_dir, sandbox.prepare_workspace, owner
         )
         workspaces.setup()
+        files = WorkspaceFiles(workspaces, SearchBudget.from_settings(settings))
         env_token = settings.api_token.get_secret_value() if settings.api_token else None
         tokens = TokenService(db, env_token)
         quotas = QuotaService(db, policy)
+        scanner = StorageScanner(db, settings.workspaces_dir)
         executions = ExecutionService(
             db=db,
             sandbox=sandbox,
@@ -71,20 +105,47 @@ class Nox:
             policy=policy,
             quotas=quotas,
             auditor=auditor,
+            changed=scanner.mark_dirty,
         )
+        history = HistoryService(db, executions.settle)
+        retention = Retention(
+            db,
+            keep_runs=settings.history_keep_runs,
+            keep_days=settings.history_keep_days,
+            interval_s=settings.retention_interval_s,
+        )
+        stats = StatsService(db, scanner, settle=executions.settle, sandbox_info=sandbox.info)
+        system = SystemMonitor(data)
         limiter = RateLimiter(settings.redis_url)
+        health = HealthService(settings, db, sandbox, auditor.log, policy)
+        cleaner = Cleaner(settings, auditor, changed=scanner.mark_dirty)
+        backups = BackupService(
+            settings, db, auditor, owner=owner, prepare=sandbox.prepare_workspace,
+            settle=executions.settle, after_restore=(sandbox.flush, quotas.forget_cached),
+            changed=scanner.mark_dirty, server_lock=server_lock,
+        )  # fmt: skip
         nox = cls(
             settings=settings,
             db=db,
             sandbox=sandbox,
             workspaces=workspaces,
+            files=files,
             tokens=tokens,
             policy=policy,
             limiter=limiter,
             quotas=quotas,
             auditor=auditor,
             executions=executions,
+            backups=backups,
+            logs=logs,
+            health=health,
+            cleaner=cleaner,
+            history=history,
+            retention=retention,
+            stats=stats,
+            system=system,
         )
+        retention.start()
         policy.on_change(nox._policy_changed)
         policy.start_watching()
         install_sighup(policy)  # only where it can: the main thread of `nox-api serve`
@@ -93,6 +154,7 @@ class Nox:
             log.error("sandbox unavailable: %s", reason)
         else:
             sandbox.prewarm(workspaces.path(DEFAULT_WORKSPACE))
+        stats.start()  # after the default workspace's folder exists: it is scanned too
         return nox
 
     def _policy_changed(self, old: Policy, new: Policy) -> None:
@@ -120,10 +182,14 @@ class Nox:
         return m.code_bytes + m.stdin_bytes + 256 * 1024
 
     def close(self) -> None:
+        self.retention.close()
+        self.stats.close()
         self.policy.stop_watching()
         self.sandbox.close()
         self.auditor.close()
         self.db.close()
+        self.backups.close()  # releases server.lock: an offline restore may run from now on
+        self.logs.close()  # last: what closing logs still reaches the file
 
 
 def build_sandbox(settings: Settings, ceiling: Limits) -> Sandbox:
@@ -158,7 +224,7 @@ def build_sandbox(settings: Settings, ceiling: Limits) -> Sandbox:
         pool_max_workspaces=settings.pool_max_workspaces,
         max_concurrent=settings.max_concurrent_runs,
         use_cgroups=use_cgroups,
-        probe_dir=settings.data_path / "probe",
+        probe_dir=settings.probe_dir,
     )
     sandbox.probe()
     return sandbox

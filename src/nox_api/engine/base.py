@@ -98,8 +98,16 @@ class Sandbox(Protocol):
 
     def prepare_workspace(self, workspace: Path) -> None: ...
 
+    def flush(self) -> None:
+        """Throw away every sandbox started ahead (warm): they bound workspace folders that a
+        restore replaced. Runs already going on are not touched."""
+
     def set_ceiling(self, ceiling: Limits) -> None:
         """The largest limits runs may get from now on (the policy's maxima changed)."""
+
+    def probe(self) -> str | None:
+        """Run a trivial program now; return why it failed (with the fix), or None. A failed
+        probe makes the backend unavailable until a later probe succeeds."""
 
     def close(self) -> None: ...
 
@@ -125,8 +133,14 @@ class UnavailableSandbox:
     def prepare_workspace(self, workspace: Path) -> None:
         workspace.chmod(0o700)
 
+    def flush(self) -> None:
+        return None
+
     def set_ceiling(self, ceiling: Limits) -> None:
         return None
+
+    def probe(self) -> str | None:
+        return self.reason
 
     def close(self) -> None:
         return None

@@ -62,6 +62,7 @@ class FakeSandbox:
         self.handler = handler
         self.unavailable = unavailable
         self.runs: list[RunSpec] = []
+        self.flushes = 0  # how many times the (absent) warm pool was thrown away
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -83,6 +84,9 @@ class FakeSandbox:
 
     def prepare_workspace(self, workspace: Path) -> None:
         return None
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def set_ceiling(self, ceiling: Limits) -> None:
         self.ceiling = ceiling

@@ -63,6 +63,7 @@ class WarmPool:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._hits = self._misses = self._failures = 0
+        self._generation = 0  # bumped by flush(): a sandbox started before it is not kept
         self._thread: threading.Thread | None = None
         if size > 0:
             self._thread = threading.Thread(target=self._refill_loop, name="nox-pool", daemon=True)
@@ -108,6 +109,7 @@ class WarmPool:
         """Throw away every ready sandbox (they started under settings that changed); the
         queues refill with new ones."""
         with self._lock:
+            self._generation += 1
             stale = [sp for queue in self._queues.values() for sp in queue.ready]
             for queue in self._queues.values():
                 queue.ready.clear()
@@ -161,6 +163,7 @@ class WarmPool:
                     return
                 dropped = self._evictions()
                 target = self._next_to_fill()
+                generation = self._generation
                 if target is None and not dropped:
                     self._wake.wait(timeout=min(self._idle_s, 5.0))
                     continue
@@ -181,7 +184,12 @@ class WarmPool:
             kept = False
             with self._lock:
                 queue = self._queues.get(target)
-                if queue is not None and not self._closed and len(queue.ready) < self._size:
+                if (
+                    queue is not None
+                    and not self._closed
+                    and generation == self._generation  # no flush while it started
+                    and len(queue.ready) < self._size
+                ):
                     queue.ready.append(sp)
                     kept = True
             if not kept:  # the workspace was dropped or the pool closed meanwhile

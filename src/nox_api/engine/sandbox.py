@@ -90,6 +90,10 @@ class ProcessSandbox:
     def prepare_workspace(self, workspace: Path) -> None:
         self._launcher.prepare_workspace(workspace)
 
+    def flush(self) -> None:
+        """Throw away the warm sandboxes (a restore replaced the folders they bound)."""
+        self._pool.flush()
+
     def set_ceiling(self, ceiling: Limits) -> None:
         """New maxima: warm sandboxes started under the old ones are thrown away."""
         if ceiling != self._ceiling:

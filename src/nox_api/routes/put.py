@@ -187,6 +187,7 @@ async def put(
 
 
 def _record_upload(nox: Nox, caller: Caller, workspace: str, info: FileInfo) -> None:
+    nox.stats.mark_dirty(workspace)  # its file count and bytes are rescanned
     nox.quotas.record_upload(workspace, info.size)
     nox.auditor.record(
         "file.upload", caller, workspace=workspace, target=info.path, size=info.size,

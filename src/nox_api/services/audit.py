@@ -724,6 +724,7 @@ class AuditLog:
         self._current = self.directory / CURRENT_FILE
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._retire_lock_fd = False
         self._fd: int | None = None
         self._fd_ino = -1
         self._tail: _Tail | None = None
@@ -751,6 +752,45 @@ class AuditLog:
         self._fd = self._lock_fd = None
         self._fd_ino = -1
 
+    @contextlib.contextmanager
+    def suspended(self, reload_key: Callable[[], bytes] | None = None) -> Iterator[None]:
+        """Hold every append (this process's threads and, through ``audit.lock``, other
+        processes) while the log's folder is replaced, say by a restore. On exit the log
+        reopens: it forgets its descriptors and cached tail, so the next append continues
+        whatever chain the folder holds then, under the key ``reload_key`` returns (when
+        given)."""
+        with self._locked():
+            try:
+                yield
+            finally:
+                try:
+                    if reload_key is not None:
+                        key = reload_key()
+                        self._key, self._kid = key, key_id(key)
+                finally:
+                    if self._fd is not None:
+                        os.close(self._fd)
+                    self._fd, self._fd_ino, self._tail = None, -1, None
+                    # The lock file may have been replaced with its folder: the next append
+                    # opens the one there. (``_locked`` unlocks the old one by this descriptor.)
+                    self._retire_lock_fd = True
+
+    def snapshot_files(self) -> list[tuple[str, int, int]]:
+        """``(name, descriptor, size)`` of each log file in chain order, opened under the append
+        lock: reading ``size`` bytes of each gives the chain as it stood then (files only grow
+        or are renamed by a rotation). The caller closes the descriptors."""
+        opened: list[tuple[str, int, int]] = []
+        with self._locked():
+            try:
+                for path in self.files():
+                    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+                    opened.append((path.name, fd, os.fstat(fd).st_size))
+            except BaseException:
+                for _, fd, _ in opened:
+                    os.close(fd)
+                raise
+        return opened
+
     def _forget_after_fork(self) -> None:
         # The child shares the parent's open file descriptions (and so its flock): use its own.
         self._lock = threading.Lock()
@@ -774,6 +814,9 @@ class AuditLog:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                if self._retire_lock_fd:
+                    os.close(self._lock_fd)
+                    self._lock_fd, self._retire_lock_fd = None, False
 
     def _rotated(self) -> list[tuple[int, Path]]:
         found = []

@@ -7,6 +7,8 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +53,7 @@ class DatabaseCheckpointStore:
         self._background = background
         self._pending: Checkpoint | None = None
         self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -82,11 +85,12 @@ class DatabaseCheckpointStore:
             self.flush()
 
     def flush(self) -> None:
-        """Write the newest checkpoint now."""
-        with self._cond:
-            cp, self._pending = self._pending, None
-        if cp is not None:
-            self._write(cp)
+        """Write the newest checkpoint now (after a write the writer thread has under way)."""
+        with self._write_lock:
+            with self._cond:
+                cp, self._pending = self._pending, None
+            if cp is not None:
+                self._write(cp)
 
     def close(self) -> None:
         with self._cond:
@@ -198,6 +202,22 @@ class Auditor:
 
     def verify(self) -> VerifyReport:
         return self.log.verify()
+
+    def flush_checkpoint(self) -> None:
+        """Store the newest checkpoint now (before the database is copied, say)."""
+        store = self.log.checkpoint_store
+        if isinstance(store, DatabaseCheckpointStore):
+            store.flush()
+
+    @contextmanager
+    def suspended(self, reload_key: Callable[[], bytes] | None = None) -> Iterator[None]:
+        """Hold every append while the audit folder and the database (its checkpoint) are
+        replaced; on exit the log reopens and goes on with the chain it finds (see
+        :meth:`AuditLog.suspended`). No checkpoint of the old chain is left pending: it would
+        overwrite the restored one."""
+        with self.log.suspended(reload_key):
+            self.flush_checkpoint()
+            yield
 
     def close(self) -> None:
         """Close the log and store its newest checkpoint."""

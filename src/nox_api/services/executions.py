@@ -57,6 +57,7 @@ class ExecutionService:
         policy: PolicyStore,
         quotas: QuotaService,
         auditor: Auditor,
+        changed: Callable[[str], None] | None = None,
     ) -> None:
         self._db = db
         self._sandbox = sandbox
@@ -64,6 +65,7 @@ class ExecutionService:
         self._policy = policy
         self._quotas = quotas
         self._auditor = auditor
+        self._changed = changed  # told a workspace's files may have changed (after a run)
         self._unsaved = _Pending()
 
     def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
@@ -169,15 +171,18 @@ class ExecutionService:
         )
         self._quotas.count_run(principal.workspace, execution.cpu_ms)
 
+        ticket = self._unsaved.add()
+
         def keep() -> None:
             try:
                 self._save(execution, principal, source)
             finally:
-                self._unsaved.done()
+                self._unsaved.done(ticket)
+                if self._changed is not None:  # the run may have written files
+                    self._changed(principal.workspace)
             self._auditor.record("run", caller, id=execution.id, status=execution.status.value,
                                  exit_code=execution.exit_code, **audit)  # fmt: skip
 
-        self._unsaved.add()
         if defer is None:
             keep()
         else:
@@ -185,9 +190,10 @@ class ExecutionService:
         return execution
 
     def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until every answered run is in the history (read-your-writes for history
-        readers: a run's row is written just after its answer left)."""
-        self._unsaved.wait_none(timeout_s)
+        """Wait until every run answered before this call is in the history (read-your-writes
+        for history readers: a run's row is written just after its answer left). Runs answered
+        later are not waited for, so a steady stream of runs cannot hold a reader."""
+        self._unsaved.wait_until_written(timeout_s)
 
     def _check_sizes(self, policy: Policy, source: str, stdin: str | None, what: str) -> None:
         m = policy.limits.maxima
@@ -229,22 +235,28 @@ class ExecutionService:
 
 
 class _Pending:
-    """How many answered runs are not in the database yet."""
+    """Answered runs whose rows are not in the database yet, by ticket (increasing)."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._count = 0
+        self._issued = 0
+        self._open: set[int] = set()
 
-    def add(self) -> None:
+    def add(self) -> int:
         with self._changed:
-            self._count += 1
+            self._issued += 1
+            self._open.add(self._issued)
+            return self._issued
 
-    def done(self) -> None:
+    def done(self, ticket: int) -> None:
         with self._changed:
-            self._count -= 1
-            if self._count == 0:
-                self._changed.notify_all()
+            self._open.discard(ticket)
+            self._changed.notify_all()
 
-    def wait_none(self, timeout_s: float) -> bool:
+    def wait_until_written(self, timeout_s: float) -> bool:
+        """Wait until no ticket issued before now is open; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._count == 0, timeout_s)
+            upto = self._issued
+            return self._changed.wait_for(
+                lambda: not self._open or min(self._open) > upto, timeout_s
+            )

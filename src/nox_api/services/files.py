@@ -15,31 +15,48 @@ import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, NamedTuple
 
 from nox_api.errors import Conflict, InvalidPath, PayloadTooLarge
 from nox_api.services.tokens import validate_workspace_name
 from noxsdk.models import FileInfo
 
-__all__ = ["StagedFile", "Workspaces", "split_path"]
+__all__ = [
+    "CappedWriter",
+    "DIR_FLAGS",
+    "EntryKind",
+    "MAX_DEPTH",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_CHARS",
+    "StagedFile",
+    "TreeEntry",
+    "TreeWalk",
+    "Workspaces",
+    "split_path",
+]
 
 MAX_PATH_CHARS = 4096
 MAX_NAME_BYTES = 255
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_DEPTH = 256  # folders below a listed or searched one that walks enter at most
+EntryKind = Literal["file", "dir", "symlink"]
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def split_path(rel: str) -> list[str]:
+def split_path(rel: str, *, root: bool = False) -> list[str]:
     """Check a workspace-relative path and return its components.
 
     Refused with ``invalid_path``: empty paths, absolute paths, NUL bytes, names over 255 bytes,
     paths over 4096 characters, and ``..`` that would climb above the workspace. ``a/../b`` is
-    ``b``; ``.`` and empty components are dropped.
+    ``b``; ``.`` and empty components are dropped. With ``root`` (listings only) a path naming
+    the workspace itself (``""``, ``"."``, ``"a/.."``) is allowed and gives ``[]``.
     """
+    if root and rel in ("", "."):
+        return []
     if not rel or not rel.strip():
         raise InvalidPath("the path is empty")
     if len(rel) > MAX_PATH_CHARS:
@@ -62,7 +79,7 @@ def split_path(rel: str) -> list[str]:
         if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
             raise InvalidPath(f"a name in the path is longer than {MAX_NAME_BYTES} bytes")
         parts.append(part)
-    if not parts:
+    if not parts and not root:
         raise InvalidPath(f"the path {rel[:200]!r} names the workspace itself")
     return parts
 
@@ -112,10 +129,10 @@ class Workspaces:
 
     # -- uploads -----------------------------------------------------------------------------
     @contextmanager
-    def staged_upload(self, max_bytes: int) -> Iterator[_StagingWriter]:
+    def staged_upload(self, max_bytes: int) -> Iterator[CappedWriter]:
         """A writer into a new staging file; the file is deleted unless committed."""
         fd, name = tempfile.mkstemp(prefix="upload-", dir=self.staging)
-        writer = _StagingWriter(os.fdopen(fd, "wb"), Path(name), max_bytes)
+        writer = CappedWriter(os.fdopen(fd, "wb"), Path(name), max_bytes)
         try:
             yield writer
         finally:
@@ -153,23 +170,50 @@ class Workspaces:
             sha256=staged.sha256,
         )
 
-    def _open_dir(self, base: Path, parts: list[str], create: bool) -> int:
-        """A descriptor of ``base/parts...``, never following a link on the way."""
-        fd = os.open(base, _DIR_FLAGS)
+    # -- the resolver ------------------------------------------------------------------------
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) new files and folders must be given, or None to leave them as made."""
+        return self._owner
+
+    def open_root(self, workspace: str, *, create: bool = True) -> int:
+        """A descriptor of the workspace's folder; the caller closes it. Without ``create`` a
+        workspace never used raises :class:`FileNotFoundError` instead of being made (reads
+        leave no trace)."""
+        if create:
+            return os.open(self.path(workspace), DIR_FLAGS)
+        return os.open(self.root / validate_workspace_name(workspace), DIR_FLAGS)
+
+    def descend(
+        self, fd: int, parts: Sequence[str], *, create: bool = False, above: Sequence[str] = ()
+    ) -> int:
+        """A new descriptor of the folder ``parts`` below the folder ``fd`` (left open), one
+        component at a time with ``O_NOFOLLOW``: a link or a file on the way is ``invalid_path``,
+        a missing folder is created with ``create`` or raises :class:`FileNotFoundError`.
+        ``above`` is the path of ``fd`` in the workspace (for messages)."""
+        cur = os.dup(fd)
         try:
             for i, part in enumerate(parts):
-                nxt = self._step(fd, part, create, "/".join(parts[: i + 1]))
-                os.close(fd)
-                fd = nxt
+                nxt = self._step(cur, part, create, "/".join([*above, *parts[: i + 1]]))
+                os.close(cur)
+                cur = nxt
         except BaseException:
-            os.close(fd)
+            os.close(cur)
             raise
-        return fd
+        return cur
+
+    def _open_dir(self, base: Path, parts: list[str], create: bool) -> int:
+        """A descriptor of ``base/parts...``, never following a link on the way."""
+        fd = os.open(base, DIR_FLAGS)
+        try:
+            return self.descend(fd, parts, create=create)
+        finally:
+            os.close(fd)
 
     def _step(self, fd: int, part: str, create: bool, where: str) -> int:
         for _attempt in range(2):
             try:
-                return os.open(part, _DIR_FLAGS, dir_fd=fd)
+                return os.open(part, DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
                     raise
@@ -179,14 +223,25 @@ class Workspaces:
                         os.chown(part, *self._owner, dir_fd=fd, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise InvalidPath(
-                        f"{where} is a file or a symbolic link, not a folder"
-                    ) from None
+                    raise InvalidPath(_not_a_folder(fd, part, where)) from None
                 raise
         raise InvalidPath(f"{where} could not be created")
 
 
-class _StagingWriter:
+def _not_a_folder(fd: int, part: str, where: str) -> str:
+    """Why ``where`` could not be entered: a link (never followed) or a file."""
+    try:
+        link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        link = False
+    if link:
+        return f"{where} is a symbolic link; links are never followed in file paths"
+    return f"{where} is a file, not a folder"
+
+
+class CappedWriter:
+    """Writes a file of at most ``max_bytes`` (:class:`PayloadTooLarge` past it), hashing it."""
+
     def __init__(self, fh: BinaryIO, path: Path, max_bytes: int) -> None:
         self.fh = fh
         self.path = path
@@ -201,8 +256,114 @@ class _StagingWriter:
         self._hash.update(data)
         self.fh.write(data)
 
-    def finish(self) -> StagedFile:
+    def sync(self) -> str:
+        """Flush and fsync what was written; returns its SHA-256 (hex)."""
         self.fh.flush()
         os.fsync(self.fh.fileno())
+        return self._hash.hexdigest()
+
+    def finish(self) -> StagedFile:
+        digest = self.sync()
         self.fh.close()
-        return StagedFile(self.path, self.size, self._hash.hexdigest())
+        return StagedFile(self.path, self.size, digest)
+
+
+class TreeEntry(NamedTuple):  # a tuple: made once per entry of a walk, it must be cheap
+    """One entry met by :class:`TreeWalk`. ``path`` and ``name`` are for showing (a name that
+    is not UTF-8 gets U+FFFD in place of its bad bytes); open or stat ``entry.name`` relative to
+    ``dir_fd``, which is valid while this is the current entry of the walk."""
+
+    path: str
+    name: str
+    kind: EntryKind
+    dir_fd: int
+    entry: os.DirEntry[str]
+
+
+class TreeWalk:
+    """The entries below a folder descriptor, sorted by name, folders before their content,
+    never following a link: each folder is entered with ``O_NOFOLLOW`` from its parent's
+    descriptor. Other kinds (FIFOs, sockets) are left out. Folders deeper than ``max_depth``
+    below the start are not entered and set :attr:`cut`."""
+
+    def __init__(
+        self, fd: int, above: Sequence[str], *, recursive: bool, max_depth: int | None = None
+    ) -> None:
+        self._fd = fd
+        self._above = list(above)
+        self._recursive = recursive
+        self._max_depth = MAX_DEPTH if max_depth is None else max_depth
+        self.cut = False
+
+    def __iter__(self) -> Iterator[TreeEntry]:
+        first = os.dup(self._fd)
+        stack: list[tuple[int, list[str], Iterator[os.DirEntry[str]]]] = []
+        try:
+            stack.append((first, self._above, iter(_sorted_entries(first))))
+        except BaseException:
+            os.close(first)
+            raise
+        try:
+            while stack:
+                dir_fd, above, entries = stack[-1]
+                entry = next(entries, None)
+                if entry is None:
+                    os.close(dir_fd)
+                    stack.pop()
+                    continue
+                kind = _kind(entry)
+                if kind is None:
+                    continue
+                name = _printable(entry.name)
+                parts = [*above, name]
+                yield TreeEntry("/".join(parts), name, kind, dir_fd, entry)
+                if kind != "dir" or not self._recursive:
+                    continue
+                if len(stack) > self._max_depth:
+                    self.cut = True
+                    continue
+                child = _open_child(dir_fd, entry.name)
+                if child is not None:
+                    try:
+                        stack.append((child, parts, iter(_sorted_entries(child))))
+                    except OSError:
+                        os.close(child)
+        finally:
+            for dir_fd, _above, _entries in stack:
+                os.close(dir_fd)
+
+
+def _printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that were not UTF-8 (kept by the file system
+    encoding as lone surrogates) become U+FFFD."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
+
+
+def _sorted_entries(fd: int) -> list[os.DirEntry[str]]:
+    with os.scandir(fd) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _kind(entry: os.DirEntry[str]) -> EntryKind | None:
+    try:
+        if entry.is_symlink():
+            return "symlink"
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        if entry.is_file(follow_symlinks=False):
+            return "file"
+    except OSError:  # gone meanwhile
+        pass
+    return None
+
+
+def _open_child(dir_fd: int, name: str) -> int | None:
+    """The folder ``name`` below ``dir_fd``, or None when it went away or became a link."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None

@@ -49,6 +49,7 @@ __all__ = [
     "MAX_POLICY_BYTES",
     "Policy",
     "PolicyError",
+    "PolicyRefusal",
     "PolicyStore",
     "QuotasPolicy",
     "RateLimitsPolicy",
@@ -521,6 +522,14 @@ class _Loaded:
     sha256: str
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyRefusal:
+    """The last reload that was refused (the old policy stayed): why and when (UTC)."""
+
+    message: str
+    at: datetime
+
+
 class PolicyStore:
     """The current policy of the file at ``path``, swapped whole on a successful reload.
 
@@ -532,6 +541,7 @@ class PolicyStore:
         self._lock = threading.RLock()  # serialises reloads; readers never take it
         self._listeners: list[Callable[[Policy, Policy], None]] = []
         self._watcher: tuple[threading.Thread, threading.Event] | None = None
+        self._refusal: PolicyRefusal | None = None
         self._seen = _fingerprint(self._path)
         data = _read(self._path)
         self._state = _Loaded(
@@ -557,6 +567,12 @@ class PolicyStore:
         """SHA-256 (hex) of the file text the policy in force was read from."""
         return self._state.sha256
 
+    @property
+    def last_refusal(self) -> PolicyRefusal | None:
+        """Why the last reload was refused (the file on disk is then not the policy in force),
+        or None when the last reload, or the first load, succeeded."""
+        return self._refusal
+
     def on_change(self, callback: Callable[[Policy, Policy], None]) -> Callable[[], None]:
         """Call ``callback(old, new)`` after each reload that changed the policy; returns a
         function that removes it. Callbacks run in the reloading thread, one reload at a time."""
@@ -578,8 +594,13 @@ class PolicyStore:
     def _reload(self) -> tuple[Policy, bool]:
         with self._lock:
             self._seen = _fingerprint(self._path)  # before reading: a later write is seen again
-            data = _read(self._path)
-            new = _parse_bytes(data, self._path.name)
+            try:
+                data = _read(self._path)
+                new = _parse_bytes(data, self._path.name)
+            except PolicyError as exc:
+                self._refusal = PolicyRefusal(exc.message, datetime.now(UTC))
+                raise
+            self._refusal = None
             old = self._state.policy
             changed = new != old
             self._state = _Loaded(

@@ -125,6 +125,11 @@ class QuotaService:
                     at,
                 )
 
+    def forget_cached(self) -> None:
+        """Drop the cached counters: the next check reads the database (after a restore)."""
+        with self._cache_lock:
+            self._cache.clear()
+
     def quota(self, workspace: str) -> WorkspaceQuota:
         return self._policy.current.quota_for(workspace)
 

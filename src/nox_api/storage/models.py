@@ -28,6 +28,7 @@ __all__ = [
     "TokenRow",
     "UTCDateTime",
     "UsageRow",
+    "WorkspaceStorageRow",
 ]
 
 
@@ -73,7 +74,13 @@ class TokenRow(Base):
 
 class ExecutionRow(Base):
     __tablename__ = "executions"
-    __table_args__ = (Index("ix_executions_workspace_started", "workspace", "started_at"),)
+    __table_args__ = (
+        Index("ix_executions_workspace_started", "workspace", "started_at"),
+        # history filters and stats (migration 0003)
+        Index("ix_executions_workspace_status", "workspace", "status", "started_at"),
+        Index("ix_executions_workspace_kind", "workspace", "kind", "started_at"),
+        Index("ix_executions_workspace_duration", "workspace", "duration_ms"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -115,3 +122,15 @@ class AuditCheckpointRow(Base):
     count: Mapped[int] = mapped_column(Integer)
     last_mac: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WorkspaceStorageRow(Base):
+    """What a workspace stores on disk, as its last scan found it (``/api/system/stats`` reads
+    this instead of walking the disk per request)."""
+
+    __tablename__ = "workspace_storage"
+
+    workspace: Mapped[str] = mapped_column(String(64), primary_key=True)
+    files: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    scanned_at: Mapped[datetime] = mapped_column(UTCDateTime())

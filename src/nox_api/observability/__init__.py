@@ -1,0 +1,1 @@
+"""What the server tells its operators: the JSON-lines server log and its live stream."""

@@ -1,0 +1,517 @@
+"""Encrypted backups of the data folder, and restoring one.
+
+A backup is one file, ``<backups>/<name>.noxbak`` (mode 0600, written under a temporary name,
+fsync'ed, then linked into place), with its SHA-256 beside it in ``<name>.noxbak.sha256``
+(``sha256sum -c`` format; only the listing uses it). It holds a snapshot of the SQLite database,
+the audit log with its key file, and the workspaces (:mod:`.backup_archive`), compressed and
+encrypted (:mod:`.backup_format`). Not in it: the backups, the staging and probe folders, the
+server logs, the policy file and the settings.
+
+A restore first unpacks and checks the whole backup into a folder inside the data folder; only
+then it takes an automatic ``pre-restore-<time>`` backup and swaps the parts in: the workspaces
+and audit folders (and ``audit.key``) by rename, the database through SQLite's backup API into
+the live database. A failing step puts the old folders back. A running server then throws its
+warm sandboxes and cached counters away and goes on with the restored audit chain.
+
+One backup or restore runs at a time per data folder (``backups/.lock``). The server holds
+``server.lock`` shared; an offline restore takes it exclusively, so it never runs under a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.engine import make_url
+
+from nox_api.config import Settings
+from nox_api.errors import Conflict, InvalidRequest, NotFound, NoxError
+from nox_api.services.audit import KEY_FILE
+from nox_api.services.auditing import Auditor, Caller, audit_key
+from nox_api.services.backup_archive import (
+    AUDIT_DIR,
+    AUDIT_KEY,
+    DATABASE,
+    WORKSPACES_DIR,
+    ArchiveStats,
+    ArchiveWriter,
+    copy_sqlite,
+    count_lines,
+    database_revision,
+    manifest_bytes,
+)
+from nox_api.services.backup_format import (
+    BackupFormatError,
+    ChunkReader,
+    ChunkWriter,
+    KeyMaterial,
+    key_material,
+    read_header,
+)
+from nox_api.services.backup_unpack import extract_archive, prepare_database
+from nox_api.services.server_lock import ServerLock
+from nox_api.storage.db import Database
+
+__all__ = [
+    "BACKUP_SUFFIX",
+    "BackupService",
+    "RestoreResult",
+    "StoredBackup",
+    "sqlite_path",
+    "validate_backup_name",
+    "workspace_owner",
+]
+
+log = logging.getLogger("nox.backups")
+
+BACKUP_SUFFIX = ".noxbak"
+SUM_SUFFIX = ".sha256"
+OPERATION_LOCK_FILE = ".lock"
+MIB = 1 << 20
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+Progress = Callable[[int], None]
+_T = TypeVar("_T")
+
+
+def validate_backup_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidRequest(
+            f"backup name {name[:80]!r} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and "
+            "'-', not starting with '.' or '-'"
+        )
+    return name
+
+
+def sqlite_path(settings: Settings) -> Path:
+    """The database file; InvalidRequest when the database is not a SQLite file."""
+    url = make_url(settings.sqlalchemy_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        raise InvalidRequest(
+            "backups support only a SQLite database file for now; NOX_DATABASE_URL names "
+            f"a {url.get_backend_name()} database (back it up with its own tools)"
+        )
+    return Path(database).absolute()
+
+
+def workspace_owner(settings: Settings) -> tuple[int, int] | None:
+    """Who workspace files must belong to: the sandbox user when root runs bubblewrap."""
+    if os.geteuid() == 0 and settings.sandbox_backend == "bwrap":
+        return settings.sandbox_uid, settings.sandbox_gid
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBackup:
+    name: str
+    size: int
+    created_at: datetime
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """What a restore brought back (counts), and the name of the backup taken before it."""
+
+    counts: dict[str, int]
+    pre_restore: str
+
+
+@dataclass
+class _Swap:
+    """Renames done so far, to undo in reverse order when a later step fails."""
+
+    done: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def move(self, source: Path, target: Path) -> None:
+        os.rename(source, target)
+        self.done.append((source, target))
+
+    def undo(self) -> None:
+        for source, target in reversed(self.done):
+            try:
+                os.rename(target, source)
+            except OSError:
+                log.exception("restore: could not move %s back to %s", target, source)
+        self.done.clear()
+
+
+class BackupService:
+    """Backups of one data folder. ``auditor`` records each operation. A running server also
+    passes ``prepare`` (makes a restored workspace folder usable by its sandboxes), ``settle``
+    (waits for history rows still being written), ``after_restore`` (throws away what caches
+    the old state: warm sandboxes, quota counters), ``changed`` (told of every workspace a
+    restore replaced) and its ``server_lock``, released by :meth:`close`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        auditor: Auditor,
+        *,
+        owner: tuple[int, int] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+        settle: Callable[[], None] | None = None,
+        after_restore: Sequence[Callable[[], None]] = (),
+        changed: Callable[[str], None] | None = None,
+        server_lock: ServerLock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.auditor = auditor
+        self.folder = settings.backups_dir
+        self._owner = owner
+        self._prepare = prepare
+        self._settle = settle
+        self._after_restore = tuple(after_restore)
+        self._changed = changed
+        self._server_lock = server_lock
+        # Made once here, not by the first operation: a refused restore changes no file.
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self.folder / OPERATION_LOCK_FILE, _LOCK_FLAGS, 0o600))
+
+    def close(self) -> None:
+        """Release the server's hold on ``server.lock`` (when it gave one)."""
+        if self._server_lock is not None:
+            self._server_lock.release()
+
+    # -- public ------------------------------------------------------------------------------
+    def path_of(self, name: str) -> Path:
+        return self.folder / f"{validate_backup_name(name)}{BACKUP_SUFFIX}"
+
+    def list_all(self) -> list[StoredBackup]:
+        """The backups in the folder, newest first (files that are not backups are left out)."""
+        found = []
+        if not self.folder.is_dir():
+            return []
+        for path in self.folder.glob(f"*{BACKUP_SUFFIX}"):
+            name = path.name[: -len(BACKUP_SUFFIX)]
+            if not _NAME_RE.fullmatch(name) or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                found.append(self._describe(path, name))
+            except (OSError, BackupFormatError) as exc:
+                log.warning("backups: %s is not a readable backup: %s", path.name, exc)
+        return sorted(found, key=lambda info: (info.created_at, info.name), reverse=True)
+
+    def create(
+        self, name: str, caller: Caller | None, progress: Progress | None = None
+    ) -> StoredBackup:
+        """Write the backup ``name``; 409 when it exists, 400 without a key or on a database
+        that is not SQLite."""
+        try:
+            validate_backup_name(name)
+            keys = key_material(self.settings)
+            database = self._sqlite_path()
+            with self._operation():
+                info, stats = _as_nox_error(self._write, name, keys, database, progress)
+        except NoxError as exc:
+            self.auditor.record("backup.create", caller, outcome="failed", target=name[:64],
+                                reason=exc.message[:300])  # fmt: skip
+            raise
+        self.auditor.record(
+            "backup.create", caller, target=name, size=info.size, sha256=info.sha256,
+            files=stats.files, bytes=stats.bytes, skipped=stats.skipped,
+        )  # fmt: skip
+        return info
+
+    def restore(
+        self, name: str, caller: Caller | None, progress: Progress | None = None
+    ) -> RestoreResult:
+        """Replace the data folder's state with the backup ``name``; nothing changes unless the
+        whole backup verified and every step succeeded."""
+        try:
+            path = self.path_of(name)
+            if not path.is_file():
+                raise NotFound(f"no backup named {name!r}")
+            keys = key_material(self.settings)
+            database = self._sqlite_path()
+            with self._operation():
+                result = _as_nox_error(self._restore, path, keys, database, progress, caller)
+        except NoxError as exc:
+            self.auditor.record("backup.restore", caller, outcome="failed", target=name[:64],
+                                reason=exc.message[:300])  # fmt: skip
+            raise
+        # (no details key may name tokens: the audit log refuses such keys as secrets)
+        counts = {("identities" if k == "tokens" else k): v for k, v in result.counts.items()}
+        self.auditor.record("backup.restore", caller, target=name,
+                            pre_restore=result.pre_restore, restored=counts)  # fmt: skip
+        return result
+
+    # -- creating ----------------------------------------------------------------------------
+    def _sqlite_path(self) -> Path:
+        return sqlite_path(self.settings)
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """One backup or restore at a time on this data folder (threads and processes)."""
+        fd = os.open(self.folder / OPERATION_LOCK_FILE, _LOCK_FLAGS, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(
+                    "another backup or restore is running on this data folder; try again when "
+                    "it has finished"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(
+        self, name: str, keys: KeyMaterial, database: Path, progress: Progress | None
+    ) -> tuple[StoredBackup, ArchiveStats]:
+        target = self.path_of(name)
+        if target.exists() or target.is_symlink():
+            raise Conflict(f"a backup named {name!r} exists already")
+        if self._settle is not None:
+            self._settle()
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder))
+        partial = work / target.name
+        audit_files: list[tuple[str, int, int]] = []
+        try:
+            snapshot = work / DATABASE
+            self.auditor.flush_checkpoint()  # the copy's checkpoint as new as can be
+            copy_sqlite(database, snapshot, journal="DELETE")
+            revision = database_revision(snapshot)
+            # After the database: the log then holds at least the lines its checkpoint counts.
+            audit_files = self.auditor.log.snapshot_files()
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                sealed = ChunkWriter(out, keys)
+                archive = ArchiveWriter(sealed, progress)
+                self._fill(archive, sealed, snapshot, revision, audit_files)
+                archive.close()
+                sealed.finish()
+                os.fsync(out.fileno())
+            try:
+                os.link(partial, target)
+            except FileExistsError:
+                raise Conflict(f"a backup named {name!r} exists already") from None
+            _write_sum(target, sealed.sha256)
+            _fsync_dir(self.folder)
+        except (OSError, sqlite3.Error) as exc:
+            raise NoxError(f"the backup {name!r} could not be written: {exc}") from None
+        finally:
+            for _, fd, _ in audit_files:
+                os.close(fd)
+            shutil.rmtree(work, ignore_errors=True)
+        info = StoredBackup(name, sealed.size, sealed.created_at, sealed.sha256)
+        return info, archive.stats
+
+    def _fill(
+        self,
+        archive: ArchiveWriter,
+        sealed: ChunkWriter,
+        snapshot: Path,
+        revision: str | None,
+        audit_files: list[tuple[str, int, int]],
+    ) -> None:
+        data = self.settings.data_path
+        key_file = data / KEY_FILE
+        has_key = key_file.is_file() and not key_file.is_symlink()
+        parts = [DATABASE, *([AUDIT_KEY] if has_key else []), AUDIT_DIR, WORKSPACES_DIR]
+        created = sealed.created_at.isoformat().replace("+00:00", "Z")
+        archive.add_bytes("MANIFEST.json", manifest_bytes(created, revision, parts))
+        archive.add_path(DATABASE, snapshot)
+        if has_key:
+            archive.add_path(AUDIT_KEY, key_file)
+        archive.add_dir(AUDIT_DIR, 0o700)
+        for file_name, fd, size in audit_files:
+            archive.add_fd(f"{AUDIT_DIR}/{file_name}", fd, size, 0o600, os.fstat(fd).st_mtime)
+        archive.add_workspaces(self.settings.workspaces_dir)
+
+    def _describe(self, path: Path, name: str) -> StoredBackup:
+        st = path.stat()
+        with path.open("rb") as f:
+            _, fields = read_header(f)
+        created = fields.get("created_at")
+        try:
+            created_at = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+        except ValueError:
+            created_at = datetime.fromtimestamp(st.st_mtime, UTC)
+        return StoredBackup(name, st.st_size, created_at.astimezone(UTC), _sha256_of(path, st))
+
+    # -- restoring ---------------------------------------------------------------------------
+    def _restore(
+        self,
+        path: Path,
+        keys: KeyMaterial,
+        database: Path,
+        progress: Progress | None,
+        caller: Caller | None,
+    ) -> RestoreResult:
+        data = self.settings.data_path
+        stage = Path(tempfile.mkdtemp(prefix=".restore-", dir=data))
+        try:
+            new = stage / "new"
+            new.mkdir(mode=0o700)
+            counts = self._unpack(path, keys, new, progress)
+            # Everything verified: keep the present state, then swap.
+            pre = self._pre_restore_name()
+            info, stats = self._write(pre, keys, database, None)
+            self.auditor.record("backup.create", caller, target=pre, size=info.size,
+                                sha256=info.sha256, files=stats.files, bytes=stats.bytes,
+                                skipped=stats.skipped, reason="before a restore")  # fmt: skip
+            before = _folders(self.settings.workspaces_dir)
+            with self.auditor.suspended(lambda: audit_key(self.settings)):
+                self._swap(stage, new, database)
+            self._restored(before | _folders(self.settings.workspaces_dir))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return RestoreResult(counts, pre)
+
+    def _unpack(
+        self, path: Path, keys: KeyMaterial, new: Path, progress: Progress | None
+    ) -> dict[str, int]:
+        """Decrypt, check and unpack the backup into ``new``; prepare its parts to go live."""
+        data = self.settings.data_path
+        disk = os.statvfs(data)
+        room = disk.f_bavail * disk.f_frsize - self.settings.disk_free_min_mib * MIB
+        try:
+            with path.open("rb") as source:
+                plain = ChunkReader(source, keys)
+                got = extract_archive(plain, new, max(0, room), progress, self._owner)
+        except OSError as exc:
+            raise NoxError(f"the backup could not be unpacked: {exc}") from None
+        for folder in (new / WORKSPACES_DIR, new / AUDIT_DIR):
+            folder.mkdir(exist_ok=True)
+        staged_db = new / DATABASE
+        tokens, executions = prepare_database(staged_db)
+        self._prepare_workspaces(new / WORKSPACES_DIR)
+        (new / AUDIT_DIR).chmod(0o700)
+        for item in (new / AUDIT_DIR).iterdir():
+            item.chmod(0o600)
+        if got.has_audit_key:
+            (new / AUDIT_KEY).chmod(0o600)
+        return {
+            "workspaces": len(got.workspaces),
+            "files": got.files,
+            "bytes": got.bytes,
+            "executions": executions,
+            "tokens": tokens,
+            "audit_entries": count_lines(new / AUDIT_DIR),
+        }
+
+    def _prepare_workspaces(self, root: Path) -> None:
+        """Modes as :class:`~nox_api.services.files.Workspaces` keeps them (what is inside a
+        workspace was given to the sandbox user while unpacking)."""
+        root.chmod(0o711)
+        if self._prepare is not None:
+            for workspace in root.iterdir():
+                self._prepare(workspace)
+
+    def _swap(self, stage: Path, new: Path, database: Path) -> None:
+        data = self.settings.data_path
+        old = stage / "old"
+        old.mkdir(mode=0o700)
+        swap = _Swap()
+        try:
+            for part in (WORKSPACES_DIR, AUDIT_DIR, AUDIT_KEY):
+                if not (new / part).exists():
+                    continue  # a backup without audit.key keeps the present one
+                live = data / part
+                if live.exists() or live.is_symlink():
+                    swap.move(live, old / part)
+                swap.move(new / part, live)
+            _fsync_dir(data)
+            restore_database(new / DATABASE, database)
+        except BaseException as exc:
+            swap.undo()
+            with contextlib.suppress(OSError):
+                _fsync_dir(data)
+            if isinstance(exc, NoxError) or not isinstance(exc, Exception):
+                raise
+            raise NoxError(f"the restore failed and the previous state was kept: {exc}") from exc
+
+    def _restored(self, workspaces: set[str]) -> None:
+        """Tell the server's parts that the state changed under them."""
+        try:
+            for hook in self._after_restore:
+                hook()
+            if self._changed is not None:
+                for workspace in sorted(workspaces):
+                    self._changed(workspace)
+        except Exception:  # the restore is done; a stale cache must not turn it into an error
+            log.exception("restore: a clean-up step after the restore failed")
+
+    def _pre_restore_name(self) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        name = f"pre-restore-{stamp}"
+        number = 1
+        while self.path_of(name).exists():
+            number += 1
+            name = f"pre-restore-{stamp}-{number}"
+        return name
+
+
+def _as_nox_error(work: Callable[..., _T], *args: object) -> _T:
+    """``work(*args)``; an unexpected error is logged with its traceback and becomes a
+    NoxError (500), so that the attempt is audited and the caller gets the envelope."""
+    try:
+        return work(*args)
+    except NoxError:
+        raise
+    except Exception as exc:
+        log.exception("backups: %s failed", getattr(work, "__name__", "an operation"))
+        raise NoxError(f"the operation failed: {exc}") from exc
+
+
+def _folders(root: Path) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def restore_database(staged: Path, live: Path) -> None:
+    """Copy the checked, migrated database ``staged`` into the live one, in one transaction."""
+    copy_sqlite(staged, live)
+
+
+def _write_sum(target: Path, digest: str) -> None:
+    path = target.with_name(target.name + SUM_SUFFIX)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{digest}  {target.name}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_of(path: Path, st: os.stat_result) -> str:
+    """The checksum file's value when it is newer than the backup, else the file's hash."""
+    sums = path.with_name(path.name + SUM_SUFFIX)
+    with contextlib.suppress(OSError, ValueError):
+        if sums.stat().st_mtime_ns >= st.st_mtime_ns:
+            digest, _, named = sums.read_text().strip().partition("  ")
+            if named == path.name and re.fullmatch(r"[0-9a-f]{64}", digest):
+                return digest
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(MIB):
+            h.update(block)
+    return h.hexdigest()
