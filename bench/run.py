@@ -72,14 +72,17 @@ class Plan:
     big_print_mib: int
     overhead_requests: int
     audit_lines: int
+    listing_calls: int
+    backup_mib: int
 
 
 FULL = Plan("full", warmup=20, requests_c1=200, requests_c4=400, bare_runs=200, rss_runs=1000,
             rss_batch=100, big_print_mib=1024, overhead_requests=2000,
-            audit_lines=200_000)  # fmt: skip
+            audit_lines=200_000, listing_calls=15, backup_mib=1024)  # fmt: skip
 QUICK = Plan("quick", warmup=5, requests_c1=25, requests_c4=50, bare_runs=40, rss_runs=100,
              rss_batch=50, big_print_mib=1024, overhead_requests=300,
-             audit_lines=50_000)  # fmt: skip
+             audit_lines=50_000, listing_calls=5, backup_mib=256)  # fmt: skip
+LISTING_FILES = 10_000
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,46 @@ def measure_security(plan: Plan) -> Security:
         audit_lines=plan.audit_lines,
         verify_lines_per_s=audit_verify.measure(plan.audit_lines),
         append_p50_us=audit_verify.measure_append(1000),
+    )
+
+
+@dataclass(frozen=True)
+class Operations:
+    """Files and backups: a recursive listing of 10,000 files, backup and restore speed."""
+
+    listing_files: int
+    listing_p50_ms: float
+    listing_p95_ms: float
+    listing_answer_bytes: int
+    backup_mib: int
+    backup_files: int
+    backup_mb_s: float
+    restore_mb_s: float  # the whole restore, the automatic pre-restore backup included
+    restore_unpack_mb_s: float  # unpacking, checking and swapping in only
+    backup_ratio: float  # backup file size / data size
+
+
+def measure_operations(plan: Plan) -> Operations:
+    import backup
+    import files
+
+    listing = files.measure(files=LISTING_FILES, folders=10, calls=plan.listing_calls)
+    print(f"  listing of {listing.entries} entries: p50 {listing.p50_ms:.1f} ms, "
+          f"p95 {listing.p95_ms:.1f} ms", file=sys.stderr)  # fmt: skip
+    fig = backup.measure(total_mib=plan.backup_mib)
+    print(f"  backup {fig.backup_mb_s:.0f} MB/s, restore {fig.restore_mb_s:.0f} MB/s "
+          f"(own part {fig.restore_unpack_mb_s:.0f} MB/s)", file=sys.stderr)  # fmt: skip
+    return Operations(
+        listing_files=LISTING_FILES,
+        listing_p50_ms=listing.p50_ms,
+        listing_p95_ms=listing.p95_ms,
+        listing_answer_bytes=listing.answer_bytes,
+        backup_mib=plan.backup_mib,
+        backup_files=fig.files,
+        backup_mb_s=fig.backup_mb_s,
+        restore_mb_s=fig.restore_mb_s,
+        restore_unpack_mb_s=fig.restore_unpack_mb_s,
+        backup_ratio=fig.backup_bytes / fig.data_bytes,
     )
 
 
@@ -648,8 +691,8 @@ def _cell(
     raise KeyError((server, route, concurrency, paced))
 
 
-def evaluate(
-    cells: list[Cell], bare: Stats, rss: RssRuns, big: BigPrint, sec: Security
+def evaluate(  # noqa: PLR0917 - one argument per part of the run
+    cells: list[Cell], bare: Stats, rss: RssRuns, big: BigPrint, sec: Security, ops: Operations
 ) -> list[Target]:
     flood1 = _cell(cells, "warm", PY.route, 1)
     warm1 = _cell(cells, "warm", PY.route, 1, paced=True)
@@ -708,6 +751,26 @@ def evaluate(
             f"{sec.verify_lines_per_s:,.0f} lines/s over {sec.audit_lines:,} lines",
             ">= 100,000 lines/s",
             sec.verify_lines_per_s >= 100_000,
+        ),
+        Target(
+            f"recursive listing of {ops.listing_files:,} files p50 < 200 ms",
+            f"{ops.listing_p50_ms:.1f} ms (p95 {ops.listing_p95_ms:.1f} ms)",
+            "< 200 ms",
+            ops.listing_p50_ms < 200,
+        ),
+        Target(
+            f"backup of {ops.backup_mib} MiB of workspace data >= 100 MB/s",
+            f"{ops.backup_mb_s:.0f} MB/s",
+            ">= 100 MB/s",
+            ops.backup_mb_s >= 100,
+        ),
+        Target(
+            f"restore of {ops.backup_mib} MiB of workspace data >= 100 MB/s (whole restore, "
+            "its automatic pre-restore backup included)",
+            f"{ops.restore_mb_s:.0f} MB/s (unpack, check and swap alone: "
+            f"{ops.restore_unpack_mb_s:.0f} MB/s)",
+            ">= 100 MB/s",
+            ops.restore_mb_s >= 100,
         ),
     ]
 
@@ -774,6 +837,7 @@ class Report:
     rss_runs: RssRuns
     big_print: BigPrint
     security: Security
+    operations: Operations
     targets: list[Target]
 
     @property
@@ -783,7 +847,7 @@ class Report:
 
 def render_markdown(r: Report) -> str:
     m, plan, bare, rss, big = r.machine, r.plan, r.bare, r.rss_runs, r.big_print
-    sec = r.security
+    sec, ops = r.security, r.operations
     lines = [
         SECTION_START,
         "## Latest results",
@@ -873,6 +937,24 @@ def render_markdown(r: Report) -> str:
         f"| audit verify | {sec.verify_lines_per_s:,.0f} lines/s ({sec.audit_lines:,} lines) |",
         f"| audit append with fsync, p50 | {sec.append_p50_us:.0f} µs |",
         "",
+        "### Files and backups",
+        "",
+        f"`bench/files.py`: {ops.listing_files:,} small files in 10 folders, "
+        "`GET /api/files?recursive=true` from a uvicorn server on 127.0.0.1 in the benchmark "
+        f"process (fake sandbox), {plan.listing_calls} calls after 2 warm-up calls, whole "
+        f"answer ({ops.listing_answer_bytes:,} bytes) received and parsed. `bench/backup.py`: "
+        f"{ops.backup_mib} MiB of workspace data ({ops.backup_files:,} files: 75 % in 4 files "
+        "of random bytes, the rest 16 KiB text files), `BackupService.create` then `.restore` "
+        "(the path of `nox-api backup`), fsync'ed, real zstd and AES-256-GCM; MB/s is 10^6 "
+        "bytes of workspace data per second.",
+        "",
+        "| measure | value |",
+        "|---|--:|",
+        f"| listing p50 / p95 | {ops.listing_p50_ms:.1f} / {ops.listing_p95_ms:.1f} ms |",
+        f"| backup | {ops.backup_mb_s:.0f} MB/s (file {ops.backup_ratio:.2f}x the data) |",
+        f"| restore, whole (pre-restore backup included) | {ops.restore_mb_s:.0f} MB/s |",
+        f"| restore, unpack + check + swap alone | {ops.restore_unpack_mb_s:.0f} MB/s |",
+        "",
         "### Targets",
         "",
         "| target | measured | limit | result |",
@@ -928,7 +1010,9 @@ def _latency_cells(server: Server, plan: Plan) -> Iterator[Cell]:
             yield measure_cell(server, work, concurrency, requests, plan)
 
 
-def run(plan: Plan, policies: Path) -> tuple[list[Cell], Stats, RssRuns, BigPrint, Security]:
+def run(
+    plan: Plan, policies: Path
+) -> tuple[list[Cell], Stats, RssRuns, BigPrint, Security, Operations]:
     bench_policy = _policy_file(policies, "bench.yaml", BENCH_POLICY)
     warm_env = {**WARM_ENV, "NOX_POLICY_FILE": bench_policy}
     cold_env = {**COLD_ENV, "NOX_POLICY_FILE": bench_policy}
@@ -949,7 +1033,9 @@ def run(plan: Plan, policies: Path) -> tuple[list[Cell], Stats, RssRuns, BigPrin
     security = measure_security(plan)
     print(f"  overhead {security.overhead_ms:.3f} ms, verify "
           f"{security.verify_lines_per_s:,.0f} lines/s", file=sys.stderr)  # fmt: skip
-    return cells, bare, rss, big, security
+    print("files and backups", file=sys.stderr)
+    operations = measure_operations(plan)
+    return cells, bare, rss, big, security, operations
 
 
 def _finite(value: Any) -> Any:
@@ -986,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     try:
         with tempfile.TemporaryDirectory(prefix="nox-bench-policy-") as policies:
-            cells, bare, rss, big, security = run(plan, Path(policies))
+            cells, bare, rss, big, security, operations = run(plan, Path(policies))
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
@@ -1006,7 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_runs=rss,
         big_print=big,
         security=security,
-        targets=evaluate(cells, bare, rss, big, security),
+        operations=operations,
+        targets=evaluate(cells, bare, rss, big, security, operations),
     )
     write_section(args.output, render_markdown(report))
     raw = asdict(report) | {"started_utc": started.isoformat(), "all_passed": report.all_passed}
