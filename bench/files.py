@@ -11,23 +11,17 @@ the p50 of those calls, whole answer received and parsed; the target is under 20
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
-import uvicorn
 
-from nox_api.app import create_app
-from nox_api.config import load_settings
-from nox_api.engine.fake import FakeSandbox
-from nox_api.services.tokens import Role, TokenService
-from nox_api.storage.db import Database
+from inprocess import serving
+from nox_api.config import Settings
+from nox_api.services.tokens import Role
 
 TARGET_MS = 200.0
 
@@ -40,12 +34,6 @@ class Listing:
     answer_bytes: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _fill(workspace: Path, files: int, folders: int) -> None:
     for i in range(folders):
         (workspace / f"folder{i:03}").mkdir(parents=True)
@@ -56,34 +44,12 @@ def _fill(workspace: Path, files: int, folders: int) -> None:
 def measure(files: int = 10_000, folders: int = 10, calls: int = 15) -> Listing:
     """p50 and p95 (ms) of ``calls`` recursive listings of a workspace of ``files`` files in
     ``folders`` folders, over HTTP from a uvicorn server on 127.0.0.1 in this process."""
-    with tempfile.TemporaryDirectory(prefix="nox-bench-files-") as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text("rate_limits:\n  roles:\n    viewer: 1000000/minute\n")
-        settings = load_settings(data_dir=Path(tmp) / "data", pool_size=0, policy_file=policy)
-        settings.data_path.mkdir(parents=True)
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        token = TokenService(db).create("bench", Role.VIEWER).secret
-        db.close()
+
+    def fill(settings: Settings) -> None:
         _fill(settings.workspaces_dir / "default", files, folders)
-        app = create_app(settings, sandbox=FakeSandbox())
-        port = _free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", access_log=False
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="bench-uvicorn", daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not server.started:
-                if time.monotonic() > deadline or not thread.is_alive():
-                    raise RuntimeError("the in-process server did not start")
-                time.sleep(0.02)
-            return _drive(f"http://127.0.0.1:{port}", token, files + folders, calls)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+
+    with serving(Role.VIEWER, fill, prefix="nox-bench-files-") as served:
+        return _drive(served.url, served.token, files + folders, calls)
 
 
 def _drive(base_url: str, token: str, expected: int, calls: int) -> Listing:

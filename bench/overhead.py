@@ -13,27 +13,19 @@ cost; the target is at most 1 ms.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
-import tempfile
-import threading
 import time
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx2
-import uvicorn
 
+from inprocess import serving
 from nox_api import deps
-from nox_api.app import create_app
-from nox_api.config import load_settings
-from nox_api.engine.fake import FakeSandbox
 from nox_api.services.auditing import Caller
-from nox_api.services.tokens import Principal, Role, TokenService
-from nox_api.storage.db import Database
+from nox_api.services.tokens import Principal, Role
 
 BLOCK = 100
 
@@ -85,44 +77,12 @@ def _drive(base_url: str, token: str, switch: Callable[[bool], None], requests: 
     return on, off
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure(requests: int = 2000) -> tuple[float, float]:
     """(p50 ms with everything on, p50 ms with it off) over ``requests`` each, over HTTP from
     a uvicorn server on 127.0.0.1 in this process."""
-    with tempfile.TemporaryDirectory(prefix="nox-bench-overhead-") as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        # Rate limits high enough never to refuse the benchmark, still counted on every request.
-        policy.write_text("rate_limits:\n  roles:\n    runner: 1000000/minute\n")
-        settings = load_settings(data_dir=Path(tmp) / "data", pool_size=0, policy_file=policy)
-        settings.data_path.mkdir(parents=True)
-        db = Database(settings.sqlalchemy_url)
-        db.migrate()
-        token = TokenService(db).create("bench", Role.RUNNER).secret
-        db.close()
-        app = create_app(settings, sandbox=FakeSandbox())
-        port = _free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", access_log=False
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="bench-uvicorn", daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not server.started:
-                if time.monotonic() > deadline or not thread.is_alive():
-                    raise RuntimeError("the in-process server did not start")
-                time.sleep(0.02)
-            on, off = _drive(f"http://127.0.0.1:{port}", token, _switcher(app), requests)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
-        return statistics.median(on), statistics.median(off)
+    with serving(Role.RUNNER, prefix="nox-bench-overhead-") as served:
+        on, off = _drive(served.url, served.token, _switcher(served.app), requests)
+    return statistics.median(on), statistics.median(off)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from nox_api.services.system import SystemMonitor
 from nox_api.services.tokens import DEFAULT_WORKSPACE, TokenService
 from nox_api.services.workspace_files import WorkspaceFiles
 from nox_api.storage.db import Database
+from noxsdk.models import FileInfo
 
 __all__ = ["Nox", "build_sandbox"]
 
@@ -175,6 +176,16 @@ class Nox:
             raise
         self.auditor.record("policy.reload", caller, sha256=self.policy.source_sha256)
         return policy
+
+    def record_upload(self, caller: Caller, workspace: str, info: FileInfo) -> None:
+        """After a file landed in a workspace by upload: rescan its storage, count it against
+        the daily upload quota, audit it."""
+        self.stats.mark_dirty(workspace)
+        self.quotas.record_upload(workspace, info.size)
+        self.auditor.record(
+            "file.upload", caller, workspace=workspace, target=info.path, size=info.size,
+            sha256=info.sha256,
+        )  # fmt: skip
 
     def request_body_limit(self) -> int:
         """Largest JSON body: the policy's code and stdin maxima and room for the rest."""

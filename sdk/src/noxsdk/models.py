@@ -98,15 +98,15 @@ class EffectiveLimits(BaseModel):
     output_bytes: int
 
 
-class Execution(BaseModel):
-    """One run: the answer of the run routes and the item of history."""
+class ExecutionSummary(BaseModel):
+    """A run as ``GET /api/history`` lists it: every field of :class:`Execution` but the output
+    bodies ``stdout`` and ``stderr`` (the ``*_truncated`` flags stay); no code either, that is in
+    :class:`ExecutionDetail` (``GET /api/history/{id}``)."""
 
     id: str
     kind: ExecutionKind
     status: ExecutionStatus
     exit_code: int | None
-    stdout: str = ""
-    stderr: str = ""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     duration_ms: float
@@ -116,6 +116,13 @@ class Execution(BaseModel):
     actor: str
     request_id: str | None = None
     limits: EffectiveLimits | None = None
+
+
+class Execution(ExecutionSummary):
+    """One run: the answer of the run routes (a history item is its summary)."""
+
+    stdout: str = ""
+    stderr: str = ""
 
 
 class ExecutionDetail(Execution):
@@ -248,26 +255,6 @@ class AuditVerify(BaseModel):
 
 
 # -- history, system stats and resources --
-
-
-class ExecutionSummary(BaseModel):
-    """A run as ``GET /api/history`` lists it: every field of :class:`Execution` but the output
-    bodies ``stdout`` and ``stderr`` (the ``*_truncated`` flags stay); no code either, that is in
-    :class:`ExecutionDetail` (``GET /api/history/{id}``)."""
-
-    id: str
-    kind: ExecutionKind
-    status: ExecutionStatus
-    exit_code: int | None
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    duration_ms: float
-    cpu_ms: float | None = None
-    started_at: datetime
-    workspace: str
-    actor: str
-    request_id: str | None = None
-    limits: EffectiveLimits | None = None
 
 
 class HistoryPage(BaseModel):

@@ -21,10 +21,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from nox_api.deps import Caller, NoxDep, Reader, Runner, WorkspaceParam, target_workspace
+from nox_api.deps import NoxDep, Reader, Runner, WorkspaceParam, target_workspace
 from nox_api.errors import InvalidRequest, PayloadTooLarge
 from nox_api.services.workspace_files import FileUpload, OpenFile
-from nox_api.state import Nox
 from noxsdk.models import FileInfo, FileList, FileSearch, FileSearchResult
 
 __all__ = ["router"]
@@ -186,7 +185,7 @@ async def write_file(
         info = await run_in_threadpool(upload.commit)
     finally:
         await run_in_threadpool(upload.abort)
-    await run_in_threadpool(_record_upload, nox, caller, target_ws, info)
+    await run_in_threadpool(nox.record_upload, caller, target_ws, info)
     return info
 
 
@@ -202,15 +201,6 @@ async def _receive(request: Request, upload: FileUpload) -> None:
     except ClientDisconnect:
         raise InvalidRequest("the client went away before the upload ended") from None
     await run_in_threadpool(upload.write, bytes(pending))
-
-
-def _record_upload(nox: Nox, caller: Caller, workspace: str, info: FileInfo) -> None:
-    nox.stats.mark_dirty(workspace)
-    nox.quotas.record_upload(workspace, info.size)
-    nox.auditor.record(
-        "file.upload", caller, workspace=workspace, target=info.path, size=info.size,
-        sha256=info.sha256,
-    )  # fmt: skip
 
 
 @router.delete(

@@ -15,10 +15,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from nox_api.deps import Caller, NoxDep, Runner, WorkspaceParam, target_workspace
+from nox_api.deps import NoxDep, Runner, WorkspaceParam, target_workspace
 from nox_api.errors import InvalidPath, InvalidRequest, PayloadTooLarge
 from nox_api.services.files import StagedFile
-from nox_api.state import Nox
 from noxsdk.models import FileInfo
 
 router = APIRouter(tags=["files"])
@@ -182,14 +181,5 @@ async def put(
             raise InvalidRequest("the file part has no name: give the target in the 'path' field")
         staged: StagedFile = writer.finish()
         info = nox.workspaces.commit(target_ws, target, staged)
-    await run_in_threadpool(_record_upload, nox, caller, target_ws, info)
+    await run_in_threadpool(nox.record_upload, caller, target_ws, info)
     return info
-
-
-def _record_upload(nox: Nox, caller: Caller, workspace: str, info: FileInfo) -> None:
-    nox.stats.mark_dirty(workspace)  # its file count and bytes are rescanned
-    nox.quotas.record_upload(workspace, info.size)
-    nox.auditor.record(
-        "file.upload", caller, workspace=workspace, target=info.path, size=info.size,
-        sha256=info.sha256,
-    )  # fmt: skip

@@ -38,6 +38,7 @@ __all__ = [
     "TreeWalk",
     "Workspaces",
     "split_path",
+    "uploaded_info",
 ]
 
 MAX_PATH_CHARS = 4096
@@ -82,6 +83,18 @@ def split_path(rel: str, *, root: bool = False) -> list[str]:
     if not parts and not root:
         raise InvalidPath(f"the path {rel[:200]!r} names the workspace itself")
     return parts
+
+
+def uploaded_info(parts: list[str], st: os.stat_result, sha256: str) -> FileInfo:
+    """The answer of an upload: the file at ``parts`` as it landed."""
+    return FileInfo(
+        path="/".join(parts),
+        name=parts[-1],
+        type="file",
+        size=st.st_size,
+        modified=datetime.fromtimestamp(st.st_mtime, UTC),
+        sha256=sha256,
+    )
 
 
 @dataclass
@@ -161,14 +174,7 @@ class Workspaces:
             st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
         finally:
             os.close(dir_fd)
-        return FileInfo(
-            path="/".join(parts),
-            name=parts[-1],
-            type="file",
-            size=st.st_size,
-            modified=datetime.fromtimestamp(st.st_mtime, UTC),
-            sha256=staged.sha256,
-        )
+        return uploaded_info(parts, st, staged.sha256)
 
     # -- the resolver ------------------------------------------------------------------------
     @property

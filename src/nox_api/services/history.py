@@ -86,6 +86,26 @@ def parse_filter(workspace: str, kind: str | None, status: str | None) -> Histor
     )
 
 
+def _summary_fields(row: Any) -> dict[str, Any]:
+    """The fields of an :class:`ExecutionSummary` from a history row: an ``ExecutionRow`` or a
+    result row of ``_SUMMARY_COLUMNS`` (the list never loads output bodies or code)."""
+    return {
+        "id": row.id,
+        "kind": ExecutionKind(row.kind),
+        "status": ExecutionStatus(row.status),
+        "exit_code": row.exit_code,
+        "stdout_truncated": row.stdout_truncated,
+        "stderr_truncated": row.stderr_truncated,
+        "duration_ms": row.duration_ms,
+        "cpu_ms": row.cpu_ms,
+        "started_at": row.started_at,
+        "workspace": row.workspace,
+        "actor": row.actor,
+        "request_id": row.request_id,
+        "limits": _limits(row.limits),
+    }
+
+
 def _limits(value: dict[str, Any] | None) -> EffectiveLimits | None:
     return EffectiveLimits.model_validate(value) if value else None
 
@@ -116,24 +136,7 @@ class HistoryService:
                 .limit(limit)
                 .offset(offset)
             ).all()
-        items = [
-            ExecutionSummary(
-                id=row.id,
-                kind=ExecutionKind(row.kind),
-                status=ExecutionStatus(row.status),
-                exit_code=row.exit_code,
-                stdout_truncated=row.stdout_truncated,
-                stderr_truncated=row.stderr_truncated,
-                duration_ms=row.duration_ms,
-                cpu_ms=row.cpu_ms,
-                started_at=row.started_at,
-                workspace=row.workspace,
-                actor=row.actor,
-                request_id=row.request_id,
-                limits=_limits(row.limits),
-            )
-            for row in rows
-        ]
+        items = [ExecutionSummary(**_summary_fields(row)) for row in rows]
         return HistoryPage(items=items, total=int(total))
 
     def get(self, execution_id: str, workspace: str | None) -> ExecutionDetail:
@@ -145,20 +148,5 @@ class HistoryService:
             if row is None or (workspace is not None and row.workspace != workspace):
                 raise NotFound(f"no run {execution_id[:64]!r} in the history")
             return ExecutionDetail(
-                id=row.id,
-                kind=ExecutionKind(row.kind),
-                status=ExecutionStatus(row.status),
-                exit_code=row.exit_code,
-                stdout=row.stdout,
-                stderr=row.stderr,
-                stdout_truncated=row.stdout_truncated,
-                stderr_truncated=row.stderr_truncated,
-                duration_ms=row.duration_ms,
-                cpu_ms=row.cpu_ms,
-                started_at=row.started_at,
-                workspace=row.workspace,
-                actor=row.actor,
-                request_id=row.request_id,
-                limits=_limits(row.limits),
-                code=row.code,
+                **_summary_fields(row), stdout=row.stdout, stderr=row.stderr, code=row.code
             )

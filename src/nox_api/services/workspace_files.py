@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound
 from nox_api.services.file_search import SearchBudget, search_tree
-from nox_api.services.files import CappedWriter, TreeWalk, Workspaces, split_path
+from nox_api.services.files import CappedWriter, TreeWalk, Workspaces, split_path, uploaded_info
 from noxsdk.models import FileInfo, FileList, FileSearch, FileSearchResult
 
 __all__ = ["FileUpload", "LIST_MAX_ENTRIES", "OpenFile", "UPLOAD_PREFIX", "WorkspaceFiles"]
@@ -264,14 +264,7 @@ class FileUpload:
             self._done = True
         finally:
             os.close(target_fd)
-        return FileInfo(
-            path="/".join(parts),
-            name=parts[-1],
-            type="file",
-            size=st.st_size,
-            modified=datetime.fromtimestamp(st.st_mtime, UTC),
-            sha256=digest,
-        )
+        return uploaded_info(parts, st, digest)
 
     def abort(self) -> None:
         """Remove the temporary file unless committed; idempotent."""
