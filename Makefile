@@ -11,7 +11,8 @@ setup:
 run: setup
 	$(VENV)/bin/nox-api serve
 
-test: setup
+test:
+	@NOX_SETUP_FOR=test ./scripts/setup.sh
 	./scripts/test.sh
 
 bench: setup

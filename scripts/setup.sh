@@ -15,6 +15,10 @@ command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+# The test suite also needs a Redis server to start on loopback (rate limits shared by servers).
+if [ "${NOX_SETUP_FOR:-run}" = test ]; then
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${missing[*]}"

@@ -558,3 +558,17 @@ def test_sighup_needs_the_main_thread(store: PolicyStore) -> None:
     thread.join()
     assert results == [False]
     assert signal.getsignal(signal.SIGHUP) is previous
+
+
+def test_watcher_waits_out_a_truncated_file(store: PolicyStore, policy_file: Path) -> None:
+    """A writer that truncates the file and is slow to write must not make the watcher load
+    an empty file (all defaults) in between."""
+    store.start_watching(interval_s=0.02)
+    policy_file.write_text("quotas: {default: {runs_per_day: 7}}\n")
+    assert wait_for(lambda: store.current.quotas.default.runs_per_day == 7)
+    good = store.current
+    with policy_file.open("w") as f:  # truncated now
+        time.sleep(0.4)  # many polls and settles see the empty file
+        assert store.current is good
+        f.write("quotas: {default: {runs_per_day: 8}}\n")
+    assert wait_for(lambda: store.current.quotas.default.runs_per_day == 8)

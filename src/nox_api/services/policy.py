@@ -672,6 +672,10 @@ class PolicyStore:
                 return
             if _fingerprint(self._path) != seen:
                 continue
+            if seen is not None and seen[1] == 0:
+                # Truncated and not written yet (`cat new > policies.yaml` from a slow writer):
+                # an empty file would load as all defaults. Wait for its content.
+                continue
             self._reload_logged("file change")
 
 
