@@ -20,6 +20,7 @@ One backup or restore runs at a time per data folder (``backups/.lock``). The se
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -113,6 +114,20 @@ def workspace_owner(settings: Settings) -> tuple[int, int] | None:
     if os.geteuid() == 0 and settings.sandbox_backend == "bwrap":
         return settings.sandbox_uid, settings.sandbox_gid
     return None
+
+
+def _sync_filesystem(folder: Path) -> None:
+    """Write everything cached for the file system of ``folder`` to disk (``syncfs``): one call
+    for the thousands of files a restore unpacked, instead of an fsync each."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs {folder}")
+    except (AttributeError, OSError):
+        os.sync()  # no syncfs here: every file system
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -427,6 +442,9 @@ class BackupService:
         data = self.settings.data_path
         old = stage / "old"
         old.mkdir(mode=0o700)
+        # The unpacked state must be on disk before it replaces the live one: after the swap
+        # the old folders are deleted, and a crash must not leave neither.
+        _sync_filesystem(new)
         swap = _Swap()
         try:
             for part in (WORKSPACES_DIR, AUDIT_DIR, AUDIT_KEY):
