@@ -161,6 +161,7 @@ def test_every_run_is_saved_to_history(client: TestClient) -> None:
     first = client.post("/run_py", json={"code": "print(1)"}).json()
     client.post("/run_sh", json={"cmd": "exit 4", "stdin": "in"})
     nox = client.app.state.nox  # type: ignore[attr-defined]
+    nox.executions.settle()  # rows are written by a writer thread just after each answer
     with nox.db.session() as session:
         rows = session.scalars(select(ExecutionRow).order_by(ExecutionRow.started_at)).all()
         assert [(r.kind, r.status, r.exit_code, r.code) for r in rows] == [
@@ -248,3 +249,30 @@ def test_settle_waits_only_for_runs_answered_before_it(client: TestClient) -> No
     assert waited.wait(2.0)
     thread.join()
     deferred[1]()
+
+
+def test_answers_do_not_wait_for_the_history_write(client: TestClient) -> None:
+    """The history row and the audit record are written by the writer thread, after the
+    answer: a slow database delays them, not the answer; settle() then sees them."""
+    nox = client.app.state.nox  # type: ignore[attr-defined]
+    release = threading.Event()
+    real_save = nox.executions._save
+
+    def slow_save(*args: object) -> None:
+        release.wait(5)
+        real_save(*args)
+
+    nox.executions._save = slow_save
+    try:
+        began = time.monotonic()
+        answer = client.post("/run_py", json={"code": "print(1)"})
+        assert answer.status_code == 200
+        assert time.monotonic() - began < 2.0  # not held by the 5 s save
+        assert client.get("/api/me").status_code == 200  # the connection is free at once
+    finally:
+        release.set()
+    nox.executions.settle()
+    page = client.get("/api/history").json()
+    assert [item["id"] for item in page["items"]] == [answer.json()["id"]]
+    audited = client.get("/api/audit", params={"action": "run"}).json()["items"]
+    assert audited[0]["details"]["id"] == answer.json()["id"]

@@ -107,6 +107,7 @@ class Nox:
             quotas=quotas,
             auditor=auditor,
             changed=scanner.mark_dirty,
+            background=True,
         )
         history = HistoryService(db, executions.settle)
         retention = Retention(
@@ -197,6 +198,7 @@ class Nox:
         self.stats.close()
         self.policy.stop_watching()
         self.sandbox.close()
+        self.executions.close()  # the last runs' history rows and audit records
         self.auditor.close()
         self.db.close()
         self.backups.close()  # releases server.lock: an offline restore may run from now on

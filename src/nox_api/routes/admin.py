@@ -125,6 +125,7 @@ def audit_entries(
 ) -> AuditList:
     if workspace is not None:
         target_workspace(caller, workspace)  # validates the name
+    nox.executions.settle()  # runs answered before this request are in the log
     entries = nox.auditor.log.query(limit, action=action, actor=actor, workspace=workspace)
     return AuditList(items=[AuditEntry.model_validate(entry) for entry in entries])
 
@@ -136,6 +137,7 @@ def audit_entries(
     summary="Check the audit log's MAC chain and checkpoint",
 )
 def audit_verify(nox: NoxDep, caller: Admin) -> AuditVerify:
+    nox.executions.settle()
     report = nox.auditor.verify()
     return AuditVerify(
         ok=report.ok,

@@ -6,7 +6,7 @@ sandbox supervision belongs. User code failing is still HTTP 200; ``status`` tel
 
 from __future__ import annotations
 
-from fastapi import APIRouter, BackgroundTasks
+from fastapi import APIRouter
 
 from nox_api.deps import NoxDep, Runner
 from noxsdk.models import Execution, RunPython, RunShell
@@ -29,8 +29,8 @@ _ERRORS: dict[int | str, dict[str, str]] = {
     responses=_ERRORS,
     summary="Run Python code in a sandbox",
 )
-def run_py(body: RunPython, nox: NoxDep, caller: Runner, background: BackgroundTasks) -> Execution:
-    return nox.executions.run(caller, body, background.add_task)
+def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
+    return nox.executions.run(caller, body)
 
 
 @router.post(
@@ -39,5 +39,5 @@ def run_py(body: RunPython, nox: NoxDep, caller: Runner, background: BackgroundT
     responses=_ERRORS,
     summary="Run a shell command (/bin/sh -c) in a sandbox",
 )
-def run_sh(body: RunShell, nox: NoxDep, caller: Runner, background: BackgroundTasks) -> Execution:
-    return nox.executions.run(caller, body, background.add_task)
+def run_sh(body: RunShell, nox: NoxDep, caller: Runner) -> Execution:
+    return nox.executions.run(caller, body)

@@ -3,7 +3,9 @@ in history, answer with the :class:`~noxsdk.models.Execution`."""
 
 from __future__ import annotations
 
+import logging
 import math
+import queue
 import secrets
 import threading
 from collections.abc import Callable
@@ -29,6 +31,8 @@ from nox_api.storage.models import ExecutionRow
 from noxsdk.models import EffectiveLimits, Execution, ExecutionKind, RunPython, RunShell
 
 __all__ = ["ExecutionService", "ceiling_of"]
+
+log = logging.getLogger("nox.executions")
 
 
 def ceiling_of(policy: Policy) -> Limits:
@@ -58,6 +62,7 @@ class ExecutionService:
         quotas: QuotaService,
         auditor: Auditor,
         changed: Callable[[str], None] | None = None,
+        background: bool = False,
     ) -> None:
         self._db = db
         self._sandbox = sandbox
@@ -67,6 +72,10 @@ class ExecutionService:
         self._auditor = auditor
         self._changed = changed  # told a workspace's files may have changed (after a run)
         self._unsaved = _Pending()
+        # With ``background``, what follows an answer (history row, audit record) is done by
+        # one writer thread, in order: not by the request's own background task, which would
+        # hold its keep-alive connection (the client's next request) until it finished.
+        self._writer = _Writer() if background else None
 
     def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
         """The run's limits: the request's where it asked, the policy's defaults elsewhere. A
@@ -176,23 +185,31 @@ class ExecutionService:
         def keep() -> None:
             try:
                 self._save(execution, principal, source)
+                self._auditor.record("run", caller, id=execution.id,
+                                     status=execution.status.value,
+                                     exit_code=execution.exit_code, **audit)  # fmt: skip
             finally:
                 self._unsaved.done(ticket)
                 if self._changed is not None:  # the run may have written files
                     self._changed(principal.workspace)
-            self._auditor.record("run", caller, id=execution.id, status=execution.status.value,
-                                 exit_code=execution.exit_code, **audit)  # fmt: skip
 
-        if defer is None:
-            keep()
-        else:
+        if defer is not None:
             defer(keep)
+        elif self._writer is not None:
+            self._writer.submit(keep)
+        else:
+            keep()
         return execution
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what answered runs left to write, then stop the writer."""
+        if self._writer is not None:
+            self._writer.close(timeout_s)
+
     def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until every run answered before this call is in the history (read-your-writes
-        for history readers: a run's row is written just after its answer left). Runs answered
-        later are not waited for, so a steady stream of runs cannot hold a reader."""
+        """Wait until every run answered before this call is in the history and the audit log
+        (read-your-writes for their readers: both are written just after the answer left). Runs
+        answered later are not waited for, so a steady stream of runs cannot hold a reader."""
         self._unsaved.wait_until_written(timeout_s)
 
     def _check_sizes(self, policy: Policy, source: str, stdin: str | None, what: str) -> None:
@@ -232,6 +249,37 @@ class ExecutionService:
         with self._db.session() as session:
             session.add(row)
             self._quotas.record_run(session, principal.workspace, execution.cpu_ms)
+
+
+class _Writer:
+    """One thread that runs submitted work in order. A bounded queue: when the database falls
+    behind, answers wait for room rather than memory growing."""
+
+    _STOP = object()
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._queue: queue.Queue[Callable[[], None] | object] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._loop, name="nox-after-answer", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+
+    def close(self, timeout_s: float) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("the history and audit writer did not finish within %g s", timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is self._STOP:
+                return
+            try:
+                work()  # type: ignore[operator]
+            except Exception:  # one failed write must not stop the ones after it
+                log.exception("writing a finished run's history row or audit record failed")
 
 
 class _Pending:
