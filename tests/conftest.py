@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx2 import Response
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
 from nox_api.engine.fake import FakeSandbox
 from nox_api.services.tokens import Role, TokenService
+from nox_api.state import Nox
 from nox_api.storage.db import Database
 
 SANDBOX_ROOT = Path(os.environ.get("NOX_TEST_TMP", "/tmp"))
@@ -47,6 +49,24 @@ def write_policy(folder: Path, text: str) -> Path:
     path = folder / "policy.yaml"
     path.write_text(text)
     return path
+
+
+def nox_of(c: TestClient) -> Nox:
+    """The server parts behind an in-process client."""
+    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
+    return nox
+
+
+def error_message(resp: Response, status: int, code: str) -> str:
+    """Assert the error envelope of ``resp`` (API.md); return its message."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "request_id"}
+    assert body["error"]["code"] == code
+    assert body["error"]["request_id"] == resp.headers["X-Request-ID"]
+    message: str = body["error"]["message"]
+    return message
 
 
 @pytest.fixture

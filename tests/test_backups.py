@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from tests.conftest import error_message as _error
+from tests.conftest import nox_of
 from tests.sandbox._helpers import own_server, run_py
 from typer.testing import CliRunner
 
@@ -43,7 +45,6 @@ from nox_api.services.backup_unpack import extract_archive
 from nox_api.services.backups import BackupService
 from nox_api.services.server_lock import ServerLock
 from nox_api.services.tokens import Role, TokenService
-from nox_api.state import Nox
 from nox_api.storage.db import Database
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -64,19 +65,6 @@ _LIVE_TABLES = ("audit_checkpoint", "workspace_storage")
 def settings(data_dir: Path) -> Settings:
     """The shared ``client`` fixture's server, with a backup key."""
     return load_settings(data_dir=data_dir, pool_size=0, backup_key=KEY)
-
-
-def _nox(c: TestClient) -> Nox:
-    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
-    return nox
-
-
-def _error(resp: Any, status: int, code: str) -> str:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["error"]["code"] == code, body
-    message: str = body["error"]["message"]
-    return message
 
 
 @contextlib.contextmanager
@@ -175,7 +163,7 @@ def _no_evil_anywhere(data_dir: Path) -> None:
 def test_backup_then_loss_then_restore_brings_everything_back(
     client: TestClient, settings: Settings
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     _fill_workspaces(settings)
     made = client.post("/api/tokens", json={"name": "ci", "role": "runner"})
     assert made.status_code == 201, made.text
@@ -479,7 +467,7 @@ def test_a_damaged_backup_is_refused_and_nothing_changes(
 def test_a_backup_under_another_key_is_refused_at_its_first_chunk(
     client: TestClient, settings: Settings
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     _fill_workspaces(settings)
     foreign = load_settings(data_dir=settings.data_dir, pool_size=0, backup_key=OTHER_KEY)
     BackupService(foreign, nox.db, nox.auditor).create("foreign", None)
@@ -625,7 +613,7 @@ def test_a_database_from_a_newer_nox_or_no_database_is_refused(
 def test_a_failure_in_the_middle_of_the_swap_keeps_the_old_state(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     _fill_workspaces(settings)
     assert client.post("/api/backups", json={"name": "b"}).status_code == 201
     (settings.workspaces_dir / "default" / "notes.txt").write_text("newer than the backup")
@@ -816,7 +804,7 @@ def _wait_for(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
 @pytest.mark.sandbox
 def test_a_restore_reaches_warm_sandboxes(data_dir: Path) -> None:
     with own_server(data_dir, pool_size=1, backup_key=KEY) as c:
-        sandbox = _nox(c).sandbox
+        sandbox = nox_of(c).sandbox
         assert run_py(c, "open('note.txt', 'w').write('before')")["status"] == "ok"
         assert c.post("/api/backups", json={"name": "b"}).status_code == 201
         assert run_py(c, "open('note.txt', 'w').write('after')")["status"] == "ok"

@@ -26,6 +26,7 @@ import httpx2
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from tests.conftest import error_message as _error
 from tests.conftest import write_policy
 
 from nox_api.app import create_app
@@ -56,14 +57,6 @@ def _ws(settings: Settings, name: str = "default") -> Path:
     folder = settings.workspaces_dir / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _error(resp: Any, status: int, code: str) -> str:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["error"]["code"] == code, body
-    message: str = body["error"]["message"]
-    return message
 
 
 def _temp_files(root: Path) -> list[Path]:

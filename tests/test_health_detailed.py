@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from tests.conftest import write_policy
+from tests.conftest import nox_of, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -21,15 +21,9 @@ from nox_api.engine.fake import FakeSandbox
 from nox_api.services.audit import AuditEvent, AuditLog, MemoryCheckpointStore
 from nox_api.services.auditing import audit_key
 from nox_api.services.tokens import Role
-from nox_api.state import Nox
 
 MIB = 1024 * 1024
 CHECKS = {"database", "sandbox", "disk", "audit", "policy"}
-
-
-def _nox(c: TestClient) -> Nox:
-    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
-    return nox
 
 
 def _auth(secret: str) -> dict[str, str]:
@@ -69,18 +63,18 @@ def test_a_fresh_server_is_ok_in_every_check(client: TestClient, settings: Setti
     assert _only_failing(body) == {}
     checks = body["checks"]
     assert checks["database"]["revision"] == checks["database"]["head"]
-    assert checks["database"]["head"] == _nox(client).db.head()
+    assert checks["database"]["head"] == nox_of(client).db.head()
     assert (checks["sandbox"]["backend"], checks["sandbox"]["isolation"]) == ("fake", "fake")
     usage = shutil.disk_usage(settings.data_path)
     assert abs(checks["disk"]["free_mib"] - usage.free // MIB) < 1024
     assert checks["disk"]["total_mib"] == usage.total // MIB
     assert checks["disk"]["min_free_mib"] == settings.disk_free_min_mib
-    audited = len(_nox(client).auditor.log.query(1000))
+    audited = len(nox_of(client).auditor.log.query(1000))
     assert audited >= 1
     assert checks["audit"]["entries"] == audited
     assert checks["audit"]["checkpoint"] == audited
     assert checks["policy"]["source"] == settings.policy_path.name
-    assert checks["policy"]["sha256"] == _nox(client).policy.source_sha256
+    assert checks["policy"]["sha256"] == nox_of(client).policy.source_sha256
 
 
 def test_a_viewer_may_read_it(client: TestClient, make_token: Callable[..., str]) -> None:
@@ -117,7 +111,7 @@ def test_missing_bubblewrap_fails_the_sandbox_check(
 def test_the_real_sandbox_is_probed_at_most_once_per_interval(
     bwrap_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sandbox = _nox(bwrap_client).sandbox
+    sandbox = nox_of(bwrap_client).sandbox
     real_probe = sandbox.probe
     probes: list[str | None] = []
 
@@ -135,7 +129,7 @@ def test_the_real_sandbox_is_probed_at_most_once_per_interval(
         assert again["probe_ms"] == first["probe_ms"]  # the same probe's result
         assert again["probe_age_s"] >= first["probe_age_s"]
     assert probes == [None]  # one probe for six calls
-    assert list(_nox(bwrap_client).settings.probe_dir.iterdir()) == []  # it cleaned up
+    assert list(nox_of(bwrap_client).settings.probe_dir.iterdir()) == []  # it cleaned up
 
 
 def test_the_unsafe_backend_is_degraded(data_dir: Path, admin_token: str) -> None:
@@ -154,7 +148,7 @@ def test_a_sandbox_that_stops_working_fails_at_the_next_probe(
 ) -> None:
     settings = load_settings(data_dir=data_dir, pool_size=0)
     with _app(settings, admin_token, sandbox=fake) as c:
-        nox = _nox(c)
+        nox = nox_of(c)
         nox.health = type(nox.health)(
             settings, nox.db, fake, nox.auditor.log, nox.policy, probe_interval_s=0
         )
@@ -192,7 +186,7 @@ def _audited(client: TestClient, count: int = 3) -> Path:
     for n in range(count):
         resp = client.post("/api/tokens", json={"name": f"audited-{n}", "role": "viewer"})
         assert resp.status_code == 201
-    return _nox(client).settings.audit_dir / "audit.jsonl"
+    return nox_of(client).settings.audit_dir / "audit.jsonl"
 
 
 def test_an_edited_last_line_fails_the_audit_check(client: TestClient) -> None:
@@ -308,7 +302,7 @@ def test_an_invalid_file_seen_by_the_watcher_degrades_the_policy_check(
 
 
 def test_an_unmigrated_database_fails_the_database_check(client: TestClient) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     head = nox.db.head()
     with nox.db.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
@@ -333,7 +327,7 @@ def test_a_deleted_database_file_fails_the_database_check(
     request authenticate without the database)."""
     settings = load_settings(data_dir=data_dir, pool_size=0, api_token="env-token-for-health-test")
     with _app(settings, "env-token-for-health-test", sandbox=fake) as c:
-        nox = _nox(c)
+        nox = nox_of(c)
         assert _health(c)["status"] == "ok"
         aside = data_dir / "aside"
         aside.mkdir()

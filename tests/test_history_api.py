@@ -15,6 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from tests._history_rows import NOW, add_runs, ids_in
+from tests.conftest import error_message as _error
+from tests.conftest import nox_of
 
 from nox_api.app import create_app
 from nox_api.config import load_settings
@@ -23,27 +25,12 @@ from nox_api.services.auditing import Caller
 from nox_api.services.history import MAX_OFFSET, MAX_PAGE_SIZE, HistoryService, parse_filter
 from nox_api.services.retention import Retention
 from nox_api.services.tokens import Role
-from nox_api.state import Nox
 from nox_api.storage.db import Database
 from noxsdk.models import Execution, ExecutionDetail, ExecutionSummary, RunPython
 
 
 def _auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
-
-
-def _nox(c: TestClient) -> Nox:
-    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
-    return nox
-
-
-def _error(resp: Any, status: int, code: str) -> str:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    message: str = body["error"]["message"]
-    return message
 
 
 # 45 runs: start times one second apart but for a block of five sharing one second (the id
@@ -67,7 +54,7 @@ def _newest_first(runs: list[dict[str, Any]]) -> list[str]:
 
 @pytest.fixture
 def with_45(client: TestClient) -> TestClient:
-    add_runs(_nox(client).db, *FORTY_FIVE)
+    add_runs(nox_of(client).db, *FORTY_FIVE)
     return client
 
 
@@ -195,7 +182,7 @@ def test_a_run_shows_in_the_history_of_its_workspace_only(
 
 def test_a_read_waits_for_rows_still_being_written(client: TestClient, admin_token: str) -> None:
     """The run's row is written after its answer; a read that comes in between waits for it."""
-    nox = _nox(client)
+    nox = nox_of(client)
     principal = nox.tokens.authenticate(admin_token)
     assert principal is not None
     held: list[Callable[[], None]] = []
@@ -304,7 +291,7 @@ def test_the_server_runs_retention_in_the_background_and_stops_it(
     with TestClient(
         create_app(settings, sandbox=FakeSandbox()), headers=_auth(admin_token)
     ) as client:
-        nox = _nox(client)
+        nox = nox_of(client)
         assert nox.retention.running
         add_runs(
             nox.db, *({"id": f"r{i}", "started_at": NOW - timedelta(hours=i)} for i in range(10))

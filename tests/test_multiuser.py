@@ -17,7 +17,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from httpx2 import Response
 from pydantic import SecretStr
-from tests.conftest import write_policy
+from tests.conftest import error_message as _error
+from tests.conftest import nox_of, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -36,23 +37,6 @@ FORK_BOMB = ":(){ :|:& };:"
 
 def _auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
-
-
-def _nox(c: TestClient) -> Nox:
-    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
-    return nox
-
-
-def _error(resp: Response, status: int, code: str) -> str:
-    """Assert the error envelope of ``resp``; return its message."""
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "request_id"}
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == resp.headers["X-Request-ID"]
-    message: str = body["error"]["message"]
-    return message
 
 
 def _audit_file(settings: Settings) -> bytes:
@@ -278,7 +262,7 @@ def test_each_route_declares_the_permission_of_its_table_row(client: TestClient)
 def test_role_matrix_of_every_route(
     client: TestClient, fake: FakeSandbox, make_token: Callable[..., str]
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     callers: dict[Role | None, dict[str, str]] = {
         None: NO_TOKEN,
         Role.VIEWER: _auth(make_token(Role.VIEWER)),
@@ -414,8 +398,8 @@ def test_an_admin_uploads_into_another_workspace(
         "x.txt",
         "test-admin",
     )
-    assert _nox(client).quotas.usage("a").upload_bytes == len(b"admin's")
-    assert _nox(client).quotas.usage("default").upload_bytes == 0
+    assert nox_of(client).quotas.usage("a").upload_bytes == len(b"admin's")
+    assert nox_of(client).quotas.usage("default").upload_bytes == 0
 
     bad = client.post("/put", params={"workspace": "Bad Name"}, files={"file": ("x", b"x")})
     assert "workspace name 'Bad Name'" in _error(bad, 400, "invalid_request")
@@ -499,7 +483,7 @@ def test_revoking_an_unknown_token_is_404(client: TestClient) -> None:
 
 
 def test_an_expired_token_is_refused(client: TestClient) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     issued = nox.tokens.create("short-lived", Role.RUNNER, expires_in_days=1)
     assert client.get("/api/me", headers=_auth(issued.secret)).status_code == 200
     with nox.db.session() as session:
@@ -601,7 +585,7 @@ def test_rate_override_by_token_name_and_by_id(
     serve: Callable[..., Any], make_token: Callable[..., str]
 ) -> None:
     c, started = serve(RATE_POLICY)
-    nox = _nox(c)
+    nox = nox_of(c)
     vip = _auth(nox.tokens.create("vip", Role.RUNNER).secret)
     answers = [c.get("/api/me", headers=vip) for _ in range(5)]
     assert [r.status_code for r in answers] == [200] * 5
@@ -748,7 +732,7 @@ def test_storage_quota_is_507_and_writes_nothing(
     assert "0.0 MiB left" in _error(full, 507, "storage_quota_exceeded")
     assert not (ws / "byte").exists()
     assert list(settings.staging_dir.iterdir()) == []
-    assert _nox(c).quotas.usage("default").upload_bytes == 1024 * KIB
+    assert nox_of(c).quotas.usage("default").upload_bytes == 1024 * KIB
 
 
 def test_daily_upload_quota_is_429(
@@ -1024,7 +1008,7 @@ def test_denied_shell_commands_are_403_and_never_run(
     message = _error(resp, 403, "forbidden")
     assert message == f"the policy refuses this command (it matches {pattern!r})"
     assert fake.runs == []
-    assert _nox(client).quotas.usage("default").runs == 0
+    assert nox_of(client).quotas.usage("default").runs == 0
     entry = client.get("/api/audit", params={"action": "run"}).json()["items"][0]
     assert (entry["outcome"], entry["actor_name"]) == ("denied", "test-runner")
     assert entry["details"]["reason"] == "shell deny-list"

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from tests._history_rows import add_runs
+from tests.conftest import nox_of
 
 from nox_api._version import __version__
 from nox_api.engine.base import Result, RunSpec
@@ -24,7 +25,6 @@ from nox_api.services.scanner import StorageScanner, UsageWalk, WorkspaceUsage, 
 from nox_api.services.stats import nearest_rank
 from nox_api.services.system import busy_percent
 from nox_api.services.tokens import Role
-from nox_api.state import Nox
 from nox_api.storage.db import Database
 from nox_api.storage.models import WorkspaceStorageRow
 from noxsdk.models import CgroupLimits, ExecutionStatus
@@ -35,11 +35,6 @@ OLD = datetime.now(UTC) - timedelta(hours=48)
 
 def _auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
-
-
-def _nox(c: TestClient) -> Nox:
-    nox: Nox = c.app.state.nox  # type: ignore[attr-defined]
-    return nox
 
 
 # --- statistics of runs ------------------------------------------------------------------------
@@ -102,7 +97,7 @@ EXPECTED = {
 
 @pytest.fixture
 def stats_client(client: TestClient) -> TestClient:
-    add_runs(_nox(client).db, *RUNS_A, *RUNS_B)
+    add_runs(nox_of(client).db, *RUNS_A, *RUNS_B)
     return client
 
 
@@ -183,7 +178,7 @@ def _files(client: TestClient, **params: str) -> dict[str, Any]:
 def test_file_stats_come_from_the_scanner_not_from_the_request(
     client: TestClient, data_dir: Path, make_token: Callable[..., str]
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     root = nox.settings.workspaces_dir
     _tree(root / "a", {"one": 100, "sub/two": 200, "sub/deeper/three": 300})
     _tree(root / "b", {"only": 50})
@@ -224,7 +219,7 @@ def _wait_files(client: TestClient, workspace: str, count: int, timeout_s: float
 def test_uploads_and_runs_mark_the_workspace_for_a_rescan(
     client: TestClient, fake: FakeSandbox
 ) -> None:
-    nox = _nox(client)
+    nox = nox_of(client)
     nox.stats.scanner.debounce_s = 0.1
     nox.stats.scanner.settle()
     start = _files(client, workspace="default")["count"]
@@ -379,7 +374,7 @@ def test_resources_are_present_and_sane(client: TestClient, make_token: Callable
 
 
 def test_resources_describe_the_data_folder_disk(client: TestClient) -> None:
-    st = os.statvfs(_nox(client).settings.data_path)
+    st = os.statvfs(nox_of(client).settings.data_path)
     disk = client.get("/api/system/resources").json()["disk"]
     assert disk["total_bytes"] == st.f_blocks * st.f_frsize
 

@@ -20,17 +20,17 @@ import logging.handlers
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from io import TextIOWrapper
 from pathlib import Path
-from typing import BinaryIO
 
 from asgi_correlation_id import correlation_id
 
 from nox_api.config import Settings
 from nox_api.observability.stream import LogHub
 from nox_api.services.tokens import TOKEN_PREFIX
+from nox_api.textfile import reverse_lines
 
 __all__ = ["JsonFormatter", "LOGGERS", "LOG_FILE", "MAX_TAIL_LINES", "ServerLog", "tail_lines"]
 
@@ -42,8 +42,6 @@ REDACTED = "[REDACTED]"
 _MIN_SECRET_CHARS = 8  # shorter configured values are not searched for (too many false hits)
 _TOKEN_RE = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{20,}")
 _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+")
-_READ_BLOCK = 64 * 1024
-_MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
 class JsonFormatter(logging.Formatter):
@@ -100,37 +98,6 @@ def _secrets(settings: Settings) -> list[str]:
     return [value.get_secret_value() for value in values if value is not None]
 
 
-def _reverse_lines(f: BinaryIO) -> Iterator[bytes]:
-    """Complete lines of ``f``, last first; an unterminated last line (being written) is
-    skipped. Reads blocks from the end: the cost follows the lines wanted, not the file. A line
-    longer than :data:`_MAX_LINE_BYTES` (the server never writes one) ends the reading."""
-    pos = f.seek(0, os.SEEK_END)
-    buf = b""
-    complete = False
-    while pos > 0:
-        step = min(_READ_BLOCK, pos)
-        pos -= step
-        f.seek(pos)
-        buf = f.read(step) + buf
-        if len(buf) > _MAX_LINE_BYTES and buf.find(b"\n", 0, len(buf) - 1) < 0:
-            return
-        if not complete:
-            cut = buf.rfind(b"\n")
-            if cut < 0:
-                continue
-            buf = buf[: cut + 1]
-            complete = True
-        lines = buf[:-1].split(b"\n")
-        if pos > 0:
-            head, lines = lines[0], lines[1:]  # may be the end of a line that starts earlier
-            buf = head + b"\n"
-        else:
-            buf = b""
-        for line in reversed(lines):
-            if line:
-                yield line
-
-
 def tail_lines(paths: Sequence[Path], count: int) -> list[str]:
     """The last ``count`` lines over ``paths`` (the current file first, then older ones),
     oldest line first."""
@@ -141,7 +108,7 @@ def tail_lines(paths: Sequence[Path], count: int) -> list[str]:
         except FileNotFoundError:
             continue
         with f:
-            for line in _reverse_lines(f):
+            for line in reverse_lines(f):
                 found.append(line)
                 if len(found) >= count:
                     break

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Protocol
+from typing import Protocol
+
+from nox_api.textfile import reverse_lines
 
 __all__ = [
     "AuditError",
@@ -654,30 +656,6 @@ def _parse_tail(line: bytes) -> tuple[int, str]:
     return seq, mac
 
 
-def _reverse_lines(f: BinaryIO, block: int = 1 << 16) -> Iterator[bytes]:
-    """Complete lines of ``f``, last first; an unterminated last line is skipped."""
-    pos = f.seek(0, os.SEEK_END)
-    buf = b""
-    seen_newline = False
-    while pos > 0:
-        step = min(block, pos)
-        pos -= step
-        f.seek(pos)
-        buf = f.read(step) + buf
-        if not seen_newline:
-            cut = buf.rfind(b"\n")
-            if cut < 0:
-                continue
-            buf = buf[: cut + 1]
-            seen_newline = True
-        parts = buf[:-1].split(b"\n")
-        head = parts[0] if pos > 0 else None
-        for line in reversed(parts[1:] if head is not None else parts):
-            if line:
-                yield line
-        buf = head + b"\n" if head is not None else b""
-
-
 @dataclass(frozen=True, slots=True)
 class _Tail:
     seq: int
@@ -967,7 +945,7 @@ class AuditLog:
             except FileNotFoundError:
                 continue
             with f:
-                for raw in _reverse_lines(f):
+                for raw in reverse_lines(f):
                     if action_prefix is not None and not raw.startswith(action_prefix):
                         continue
                     if actor_bytes is not None and actor_bytes not in raw:
