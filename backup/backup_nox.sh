@@ -35,7 +35,10 @@ name="${prefix}-$(date -u +%Y%m%dT%H%M%SZ)"
 
 # Names hold a UTC timestamp, so name order is age order: drop all but the newest KEEP.
 shopt -s nullglob
-backups=("${data_dir}/backups/${prefix}"-[0-9]*Z.noxbak)
+# The exact stamp pattern: a prefix "nightly" must not match another job's "nightly-2-...".
+stamp='[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T[0-9][0-9][0-9][0-9][0-9][0-9]Z'
+# shellcheck disable=SC2206 # the glob is the point: a pattern, expanded here
+backups=("${data_dir}/backups/${prefix}"-${stamp}.noxbak)
 count="${#backups[@]}"
 if ((count > keep)); then
     for old in "${backups[@]:0:count-keep}"; do

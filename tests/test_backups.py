@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from tests.conftest import _token, nox_of
 from tests.conftest import error_message as _error
-from tests.conftest import nox_of
 from tests.sandbox._helpers import own_server, run_py
 from typer.testing import CliRunner
 
@@ -815,3 +815,56 @@ def test_a_restore_reaches_warm_sandboxes(data_dir: Path) -> None:
         # restored files belong to the sandbox user again: code may change them
         wrote = run_py(c, "open('note.txt', 'a').write('+more'); print(open('note.txt').read())")
         assert wrote["stdout"] == "before+more\n", wrote
+
+
+def test_too_deep_or_too_long_paths_are_skipped_so_every_backup_restores(
+    client: TestClient, settings: Settings
+) -> None:
+    """Sandboxed code can nest folders deeper, and paths longer, than a restore could create:
+    the backup leaves them out (counted) instead of writing a backup no restore accepts."""
+    from nox_api.services.backup_archive import MAX_ARCHIVE_PATH, MAX_TREE_DEPTH
+
+    default = settings.workspaces_dir / "default"
+    default.mkdir(parents=True, exist_ok=True)
+    (default / "kept.txt").write_bytes(b"kept")
+    fd = os.open(default, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # deeper than the cap, by descriptors (the absolute path would be too long)
+        for _ in range(MAX_TREE_DEPTH + 5):
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"deep")
+    finally:
+        os.close(fd)
+    long_dir = default / ("n" * 200)
+    path = long_dir
+    while len(str(path.relative_to(settings.data_path))) < MAX_ARCHIVE_PATH + 300:
+        path = path / ("n" * 200)
+    os.makedirs(path)
+    (path / "long.txt").write_bytes(b"long")
+
+    assert client.post("/api/backups", json={"name": "deep"}).status_code == 201
+    entry = client.get("/api/audit", params={"action": "backup.create"}).json()["items"][0]
+    assert entry["details"]["skipped"] >= 2
+    resp = client.post("/api/backups/deep/restore")
+    assert resp.status_code == 200, resp.text
+    assert (default / "kept.txt").read_bytes() == b"kept"
+
+
+def test_a_data_folder_with_uri_characters_backs_up_its_real_database(data_dir: Path) -> None:
+    """SQLite reads ``file:`` URIs: a "#" or "?" in the data folder's path must not make the
+    backup copy some other (empty) database."""
+    odd = data_dir / "a#b?c%d"
+    odd.mkdir()
+    odd.chmod(0o711)
+    settings = load_settings(data_dir=odd, pool_size=0, backup_key=KEY)
+    token = _token(settings, Role.ADMIN)
+    app = create_app(settings, sandbox=FakeSandbox())
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.post("/api/backups", json={"name": "odd"}).status_code == 201
+        resp = c.post("/api/backups/odd/restore")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["restored"]["tokens"] >= 1  # the real database, with its token
+        assert c.get("/api/me").status_code == 200

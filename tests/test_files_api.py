@@ -915,3 +915,54 @@ def test_a_200_mib_file_goes_up_and_down_in_bounded_server_memory(data_dir: Path
                 sampler.join()
         growth = (peak[0] - baseline) / MIB
         assert growth < 40, f"the server grew by {growth:.1f} MiB for a 200 MiB file"
+
+
+def test_recursive_delete_never_opens_a_fifo_or_follows_a_link(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    """The tree remover enters folders with O_DIRECTORY|O_NOFOLLOW: a FIFO or a link where a
+    folder was is unlinked, never opened (``shutil.rmtree`` would block on the FIFO)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(SECRET)
+    top = _ws(settings) / "tree"
+    deep = top
+    for i in range(60):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    (deep / "leaf.txt").write_bytes(b"leaf")
+    os.mkfifo(top / "pipe")
+    os.mkfifo(deep / "pipe")
+    (top / "d0" / "to-outside").symlink_to(outside)
+    (deep / "to-keep").symlink_to(outside / "keep.txt")
+    began = time.monotonic()
+    resp = client.delete("/api/files/tree", params={"recursive": "true"})
+    assert resp.status_code == 204, resp.text
+    assert time.monotonic() - began < 5
+    assert not top.exists()
+    assert (outside / "keep.txt").read_bytes() == SECRET
+
+
+def test_remove_tree_refuses_past_its_depth_and_keeps_descriptors_bounded(tmp_path: Path) -> None:
+    from nox_api.services.files import MAX_DEPTH, remove_tree
+
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.dup(root)
+        os.mkdir("t", dir_fd=fd)
+        nxt = os.open("t", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        for _ in range(MAX_DEPTH + 3):
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="folders deep"):
+            remove_tree(root, "t")
+        assert len(os.listdir("/proc/self/fd")) == before  # every descriptor closed again
+        assert os.path.isdir(tmp_path / "t")
+    finally:
+        os.close(root)

@@ -61,6 +61,10 @@ ZSTD_LEVEL = 3
 ZSTD_THREADS = 2  # zstd's own worker threads: compression runs beside tar and AES
 IO_BYTES = 1 << 20
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = _OPEN_FILE | os.O_DIRECTORY
+# What a restore can create under its staging folder (its own path comes on top of these).
+MAX_TREE_DEPTH = 128
+MAX_ARCHIVE_PATH = 3072
 
 Progress = Callable[[int], None]
 
@@ -168,39 +172,69 @@ class ArchiveWriter:
             self._add_tree(f"{WORKSPACES_DIR}/{name}", top)
 
     def _add_tree(self, prefix: str, top: Path) -> None:
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False):
-            for name in list(dirnames):  # fwalk lists a link to a folder as a folder
-                try:
-                    is_dir = stat.S_ISDIR(
-                        os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-                    )
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    dirnames.remove(name)
-                    self.stats.skipped += 1
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, top)
-            base = prefix if rel == "." else f"{prefix}/{rel}"
-            st = os.fstat(dir_fd)
-            self.add_dir(base, stat.S_IMODE(st.st_mode), st.st_mtime)
-            for filename in sorted(filenames):
-                try:
-                    fd = os.open(filename, _OPEN_FILE, dir_fd=dir_fd)
-                except OSError:  # a link (ELOOP), a socket (ENXIO), gone meanwhile, ...
-                    self.stats.skipped += 1
+        """A workspace, walked without recursion from folder descriptors: each folder is
+        entered with ``O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK`` from its parent's descriptor, so
+        a folder that sandboxed code swaps for a link or a FIFO fails to open instead of being
+        followed or blocking (``os.fwalk`` opens without those flags). Folders deeper than
+        :data:`MAX_TREE_DEPTH` and names longer than :data:`MAX_ARCHIVE_PATH` (which a restore
+        could not create) are skipped and counted."""
+        root = os.open(top, _OPEN_DIR)
+        stack: list[tuple[int, str, list[str]]] = []
+        try:
+            self._enter(root, prefix, stack)
+            while stack:
+                dir_fd, base, names = stack[-1]
+                if not names:
+                    os.close(dir_fd)
+                    stack.pop()
                     continue
-                try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode):
-                        self.stats.skipped += 1
-                        continue
-                    mode = stat.S_IMODE(st.st_mode)
-                    self.add_fd(f"{base}/{filename}", fd, st.st_size, mode, st.st_mtime)
-                    self.stats.files += 1
-                    self.stats.bytes += st.st_size
-                finally:
-                    os.close(fd)
+                name = names.pop()
+                if not self._add_entry(dir_fd, name, f"{base}/{name}", stack):
+                    self.stats.skipped += 1
+        finally:
+            for dir_fd, _base, _names in stack:
+                os.close(dir_fd)
+
+    def _add_entry(  # noqa: PLR0911 - one return per kind of entry reads best
+        self, dir_fd: int, name: str, path: str, stack: list[tuple[int, str, list[str]]]
+    ) -> bool:
+        """Archive a regular file, or queue a folder; False for what is skipped."""
+        if len(path) > MAX_ARCHIVE_PATH:
+            return False
+        try:
+            fd = os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+        except OSError:  # a link (ELOOP), a socket (ENXIO), gone meanwhile, ...
+            return False
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self.add_fd(path, fd, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime)
+                self.stats.files += 1
+                self.stats.bytes += st.st_size
+                return True
+            if not stat.S_ISDIR(st.st_mode) or len(stack) >= MAX_TREE_DEPTH:
+                return False
+            child = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+            if not os.path.samestat(st, os.fstat(child)):  # swapped meanwhile
+                os.close(child)
+                return False
+            self._enter(child, path, stack)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _enter(self, dir_fd: int, base: str, stack: list[tuple[int, str, list[str]]]) -> None:
+        """Archive the folder ``dir_fd`` as ``base`` and queue its entries (in name order)."""
+        try:
+            st = os.fstat(dir_fd)
+            names = sorted(os.listdir(dir_fd), reverse=True)  # popped from the end
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self.add_dir(base, stat.S_IMODE(st.st_mode), st.st_mtime)
+        stack.append((dir_fd, base, names))
 
 
 def _info(name: str, kind: bytes, mode: int, mtime: float, size: int = 0) -> tarfile.TarInfo:
@@ -243,7 +277,8 @@ def copy_sqlite(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the database stayed locked for {timeout_s:g} s")
 
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=timeout_s)
+    # as_uri() escapes what a URI would read otherwise ("#", "?", "%" in the data folder's path)
+    src = sqlite3.connect(source.absolute().as_uri() + "?mode=ro", uri=True, timeout=timeout_s)
     try:
         dst = sqlite3.connect(target, timeout=timeout_s)
         try:

@@ -62,6 +62,7 @@ from nox_api.services.backup_format import (
     read_header,
 )
 from nox_api.services.backup_unpack import extract_archive, prepare_database
+from nox_api.services.files import remove_tree
 from nox_api.services.server_lock import ServerLock
 from nox_api.storage.db import Database
 
@@ -126,6 +127,19 @@ def _sync_filesystem(folder: Path) -> None:
             raise OSError(ctypes.get_errno(), f"syncfs {folder}")
     except (AttributeError, OSError):
         os.sync()  # no syncfs here: every file system
+    finally:
+        os.close(fd)
+
+
+def _remove_stage(stage: Path) -> None:
+    """Remove a restore's staging folder. Its ``old`` part holds the replaced workspaces, which
+    sandboxes still running may change: removed without following links or blocking on a FIFO
+    (:func:`~nox_api.services.files.remove_tree`)."""
+    fd = os.open(stage.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_tree(fd, stage.name)
+    except OSError as exc:
+        log.error("restore: could not remove %s (%s); remove it by hand", stage, exc)
     finally:
         os.close(fd)
 
@@ -395,7 +409,7 @@ class BackupService:
                 self._swap(stage, new, database)
             self._restored(before | _folders(self.settings.workspaces_dir))
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            _remove_stage(stage)
         return RestoreResult(counts, pre)
 
     def _unpack(

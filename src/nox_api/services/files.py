@@ -37,6 +37,7 @@ __all__ = [
     "TreeEntry",
     "TreeWalk",
     "Workspaces",
+    "remove_tree",
     "split_path",
     "uploaded_info",
 ]
@@ -83,6 +84,56 @@ def split_path(rel: str, *, root: bool = False) -> list[str]:
     if not parts and not root:
         raise InvalidPath(f"the path {rel[:200]!r} names the workspace itself")
     return parts
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Remove ``name`` (relative to ``dir_fd``) and, if it is a folder, all below it, never
+    following a link and never blocking: folders are entered with ``O_DIRECTORY |
+    O_NOFOLLOW`` from their parent's descriptor, so a folder that sandboxed code swaps for a
+    link or a FIFO mid-walk fails to open (``shutil.rmtree`` opens it without ``O_DIRECTORY``:
+    a FIFO swapped in blocks it for ever). Everything that is not a folder is unlinked, which
+    removes a link itself. No recursion; one descriptor per level, at most ``MAX_DEPTH``
+    levels (deeper raises ``OSError``). A missing ``name`` is not an error."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        pass
+    top = os.open(name, DIR_FLAGS | os.O_NONBLOCK, dir_fd=dir_fd)
+    stack: list[tuple[int, str, list[str]]] = [(top, name, os.listdir(top))]
+    try:
+        while stack:
+            fd, here, left = stack[-1]
+            if not left:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(here, dir_fd=stack[-1][0] if stack else dir_fd)
+                continue
+            entry = left.pop()
+            try:
+                os.unlink(entry, dir_fd=fd)
+                continue
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                pass
+            if len(stack) >= MAX_DEPTH:
+                raise OSError(errno.ELOOP, f"more than {MAX_DEPTH} folders deep")
+            try:
+                child = os.open(entry, DIR_FLAGS | os.O_NONBLOCK, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            try:
+                names = os.listdir(child)
+            except BaseException:
+                os.close(child)
+                raise
+            stack.append((child, entry, names))
+    finally:
+        for fd, _here, _left in stack:
+            os.close(fd)
 
 
 def uploaded_info(parts: list[str], st: os.stat_result, sha256: str) -> FileInfo:

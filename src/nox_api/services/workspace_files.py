@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +20,14 @@ from pathlib import Path
 
 from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound
 from nox_api.services.file_search import SearchBudget, search_tree
-from nox_api.services.files import CappedWriter, TreeWalk, Workspaces, split_path, uploaded_info
+from nox_api.services.files import (
+    CappedWriter,
+    TreeWalk,
+    Workspaces,
+    remove_tree,
+    split_path,
+    uploaded_info,
+)
 from noxsdk.models import FileInfo, FileList, FileSearch, FileSearchResult
 
 __all__ = ["FileUpload", "LIST_MAX_ENTRIES", "OpenFile", "UPLOAD_PREFIX", "WorkspaceFiles"]
@@ -288,14 +294,10 @@ def _refuse_folder(dir_fd: int, parts: list[str]) -> None:
 
 
 def _remove_tree(dir_fd: int, name: str, path: str) -> None:
-    """``shutil.rmtree`` relative to ``dir_fd``: on Linux it walks with descriptors and checks
-    each folder it enters is the one it stat'ed, so a link is removed, never followed."""
-    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux always has it
-        raise InvalidRequest("recursive delete needs a platform where rmtree is link-safe")
+    """Remove a folder tree relative to ``dir_fd`` with :func:`files.remove_tree` (a link is
+    removed, never followed; a FIFO swapped in for a folder cannot block it)."""
     try:
-        shutil.rmtree(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
+        remove_tree(dir_fd, name)
     except OSError as exc:
         raise Conflict(f"{path} changed while it was deleted: {exc.strerror or exc}") from None
 
