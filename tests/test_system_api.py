@@ -498,3 +498,25 @@ def test_no_cgroup_to_read(tmp_path: Path) -> None:
     paths = _cgroup_host(tmp_path, "", [], {})
     assert read_cgroup_limits(*paths) is None
     assert read_cgroup_limits(tmp_path / "absent", paths[1]) is None
+
+
+def test_a_folder_swapped_for_a_link_between_steps_is_not_followed(tmp_path: Path) -> None:
+    """The walk pauses between steps; sandboxed code may swap a queued folder for a link to
+    another tenant's or the host's folder meanwhile. Its files must not be counted."""
+    root = tmp_path / "ws"
+    (root / "a").mkdir(parents=True)
+    (root / "mine.txt").write_bytes(b"12345")
+    outside = tmp_path / "other-tenant"
+    outside.mkdir()
+    for i in range(20):
+        (outside / f"secret{i}").write_bytes(b"x" * 100)
+    walk = UsageWalk(root)
+    walk.step(1)  # reads one entry of the root; "a" may be queued by now
+    while walk.step(1) and walk.files + len(walk._stack) < 2:
+        pass
+    (root / "a").rmdir()
+    (root / "a").symlink_to(outside)
+    while not walk.done:
+        walk.step(1)
+    assert (walk.files, walk.bytes) == (1, 5)
+    assert walk_usage(root) == WorkspaceUsage(1, 5)  # a link is never followed

@@ -4,7 +4,6 @@ checked before a run starts and before an upload is accepted."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from nox_api.errors import QuotaExceeded, StorageQuotaExceeded
 from nox_api.services.policy import PolicyStore, WorkspaceQuota
+from nox_api.services.scanner import walk_usage
 from nox_api.storage.db import Database
 from nox_api.storage.models import UsageRow
 
@@ -69,24 +69,9 @@ def _until_midnight() -> str:
 
 
 def directory_bytes(root: Path) -> int:
-    """Bytes of the regular files below ``root``, without following symbolic links."""
-    total = 0
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-    return total
+    """Bytes of the regular files below ``root``, without following symbolic links, also not
+    a folder swapped for one mid-walk (see :class:`~nox_api.services.scanner.UsageWalk`)."""
+    return walk_usage(root).bytes
 
 
 class QuotaService:

@@ -45,13 +45,25 @@ class _Listing(Protocol):
     def close(self) -> None: ...
 
 
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MAX_SCAN_DEPTH = 256
+
+
 class UsageWalk:
     """A walk of one folder tree that stops after a given number of entries and goes on later
-    where it stopped (even inside a folder: a folder of a million files is many steps)."""
+    where it stopped (even inside a folder: a folder of a million files is many steps).
+
+    Sandboxed code changes the tree while it is walked, so a queued folder is kept as its names
+    below the root and reached again from the root's descriptor, one ``O_NOFOLLOW |
+    O_DIRECTORY`` step at a time, when its turn comes: a folder swapped for a link in between is
+    not entered (a path string would be resolved through the link, out of the workspace)."""
 
     def __init__(self, root: Path) -> None:
-        self._stack = [str(root)]
+        self._root = root
+        self._stack: list[tuple[str, ...]] = [()]
         self._listing: _Listing | None = None  # the folder being read
+        self._here: tuple[str, ...] = ()
+        self._fd: int | None = None
         self.files = 0
         self.bytes = 0
 
@@ -66,9 +78,10 @@ class UsageWalk:
             if self._listing is None:
                 if not self._stack:
                     break
+                self._here = self._stack.pop()
                 try:
-                    self._listing = os.scandir(self._stack.pop())
-                except OSError:  # gone meanwhile, or not readable
+                    self._listing = self._open(self._here)
+                except OSError:  # gone meanwhile, swapped for a link, or not readable
                     continue
             try:
                 entry = next(self._listing)
@@ -78,7 +91,8 @@ class UsageWalk:
             seen += 1
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    self._stack.append(entry.path)
+                    if len(self._here) < MAX_SCAN_DEPTH:
+                        self._stack.append((*self._here, entry.name))
                 elif entry.is_file(follow_symlinks=False):
                     self.files += 1
                     self.bytes += entry.stat(follow_symlinks=False).st_size
@@ -86,11 +100,30 @@ class UsageWalk:
                 continue
         return seen
 
+    def _open(self, names: tuple[str, ...]) -> _Listing:
+        fd = os.open(self._root, _DIR_OPEN)
+        try:
+            for name in names:
+                nxt = os.open(name, _DIR_OPEN, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            listing = os.scandir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        # The entries stat relative to ``fd`` itself (the iterator reads a duplicate): it stays
+        # open until the listing is closed.
+        self._fd = fd
+        return listing
+
     def close(self) -> None:
         """Release the folder being read (a walk given up half-way)."""
         if self._listing is not None:
             self._listing.close()
             self._listing = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def walk_usage(root: Path) -> WorkspaceUsage:
