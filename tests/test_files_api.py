@@ -966,3 +966,18 @@ def test_remove_tree_refuses_past_its_depth_and_keeps_descriptors_bounded(tmp_pa
         assert os.path.isdir(tmp_path / "t")
     finally:
         os.close(root)
+
+
+def test_a_file_time_out_of_range_does_not_fail_the_listing(
+    client: TestClient, settings: Settings
+) -> None:
+    """Sandboxed code can set a time datetime cannot hold (tmpfs keeps it); the listing and
+    the read still answer, with the time clamped."""
+    from nox_api.services.files import modified_at
+
+    far = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1, 0, 1e15, 0))
+    assert modified_at(far).year == 9999
+    before = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1, 0, -1e15, 0))
+    assert modified_at(before).year == 1
+    (_ws(settings) / "ok.txt").write_bytes(b"ok")
+    assert client.get("/api/files").status_code == 200

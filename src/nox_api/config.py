@@ -197,6 +197,11 @@ class Settings(BaseSettings):
         return (self.policy_file or default_policy_file()).expanduser().absolute()
 
 
+# Values never repeated in an error: tokens, keys, passphrases, and URLs (they may hold a
+# password, e.g. postgresql://nox:secret@db/nox).
+_SECRET_WORDS = ("TOKEN", "KEY", "PASSPHRASE", "PASSWORD", "SECRET", "URL")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; raise :class:`ConfigError` naming the first bad variable."""
     try:
@@ -206,6 +211,7 @@ def load_settings(**overrides: object) -> Settings:
         loc = [str(part) for part in err.get("loc", ())]
         name = f"NOX_{loc[0].upper()}" if loc else "configuration"
         value = os.environ.get(name)
-        shown = f" (got {value!r})" if value is not None and "TOKEN" not in name else ""
+        secret = any(word in name for word in _SECRET_WORDS)
+        shown = f" (got {value!r})" if value is not None and not secret else ""
         message = err.get("msg", "invalid value").removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}{shown}") from None

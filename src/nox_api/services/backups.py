@@ -405,6 +405,9 @@ class BackupService:
                                 sha256=info.sha256, files=stats.files, bytes=stats.bytes,
                                 skipped=stats.skipped, reason="before a restore")  # fmt: skip
             before = _folders(self.settings.workspaces_dir)
+            # On disk before it replaces the live state (after the swap the old folders are
+            # deleted), and before audit writes are held: a syncfs can take seconds.
+            _sync_filesystem(new)
             with self.auditor.suspended(lambda: audit_key(self.settings)):
                 self._swap(stage, new, database)
             self._restored(before | _folders(self.settings.workspaces_dir))
@@ -456,9 +459,6 @@ class BackupService:
         data = self.settings.data_path
         old = stage / "old"
         old.mkdir(mode=0o700)
-        # The unpacked state must be on disk before it replaces the live one: after the swap
-        # the old folders are deleted, and a crash must not leave neither.
-        _sync_filesystem(new)
         swap = _Swap()
         try:
             for part in (WORKSPACES_DIR, AUDIT_DIR, AUDIT_KEY):

@@ -37,6 +37,7 @@ __all__ = [
     "TreeEntry",
     "TreeWalk",
     "Workspaces",
+    "modified_at",
     "remove_tree",
     "split_path",
     "uploaded_info",
@@ -136,6 +137,19 @@ def remove_tree(dir_fd: int, name: str) -> None:
             os.close(fd)
 
 
+def modified_at(st: os.stat_result) -> datetime:
+    """A file's modification time; one set out of datetime's range by sandboxed code (``os.utime``
+    to the year 40000, which tmpfs keeps) is clamped instead of failing the request."""
+    try:
+        return datetime.fromtimestamp(st.st_mtime, UTC)
+    except (ValueError, OverflowError, OSError):
+        return (
+            datetime.max.replace(tzinfo=UTC)
+            if st.st_mtime > 0
+            else datetime.min.replace(tzinfo=UTC)
+        )
+
+
 def uploaded_info(parts: list[str], st: os.stat_result, sha256: str) -> FileInfo:
     """The answer of an upload: the file at ``parts`` as it landed."""
     return FileInfo(
@@ -143,7 +157,7 @@ def uploaded_info(parts: list[str], st: os.stat_result, sha256: str) -> FileInfo
         name=parts[-1],
         type="file",
         size=st.st_size,
-        modified=datetime.fromtimestamp(st.st_mtime, UTC),
+        modified=modified_at(st),
         sha256=sha256,
     )
 
@@ -221,8 +235,10 @@ class Workspaces:
                 raise Conflict(
                     f"{'/'.join(parts)} is a folder; delete it first or choose another path"
                 )
+            # Stat'ed in the root-only staging folder, before the rename: once in the workspace
+            # a run may rename or delete it at once (a stat after would fail the upload).
+            st = os.stat(staged.path, follow_symlinks=False)
             os.rename(staged.path, parts[-1], dst_dir_fd=dir_fd)
-            st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
         finally:
             os.close(dir_fd)
         return uploaded_info(parts, st, staged.sha256)

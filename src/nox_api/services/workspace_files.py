@@ -15,7 +15,7 @@ import os
 import secrets
 import stat
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound
@@ -24,6 +24,7 @@ from nox_api.services.files import (
     CappedWriter,
     TreeWalk,
     Workspaces,
+    modified_at,
     remove_tree,
     split_path,
     uploaded_info,
@@ -83,7 +84,7 @@ class WorkspaceFiles:
                         "name": item.name,
                         "type": item.kind,
                         "size": 0 if item.kind == "dir" else st.st_size,
-                        "modified": datetime.fromtimestamp(st.st_mtime, UTC),
+                        "modified": modified_at(st),
                     }
                 )
             truncated = truncated or walk.cut
@@ -119,7 +120,7 @@ class WorkspaceFiles:
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(fd, path, parts[-1], st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+        return OpenFile(fd, path, parts[-1], st.st_size, modified_at(st))
 
     # -- write --------------------------------------------------------------------------------
     def upload(self, workspace: str, rel: str, max_bytes: int) -> FileUpload:
