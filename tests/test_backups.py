@@ -643,6 +643,47 @@ def test_a_failure_in_the_middle_of_the_swap_keeps_the_old_state(
     assert client.get("/api/audit/verify").json()["ok"]
 
 
+def test_a_restore_killed_during_the_swap_stops_the_next_start(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the first rename and the database copy leaves the SWAPPING marker: the
+    next server start and the next restore refuse, naming the folder; a completed or undone
+    swap leaves no marker."""
+    _fill_workspaces(settings)
+    assert client.post("/api/backups", json={"name": "b"}).status_code == 201
+    seen: list[list[Path]] = []
+
+    def crash(staged: Path, live: Path) -> None:
+        seen.append(sorted(settings.data_path.glob(".restore-*/SWAPPING")))
+        raise KeyboardInterrupt  # stands for the process dying: not turned into an answer
+
+    monkeypatch.setattr(backups_mod, "restore_database", crash)
+    with pytest.raises(KeyboardInterrupt):
+        nox_of(client).backups.restore("b", None)
+    assert len(seen) == 1
+    assert len(seen[0]) == 1  # the marker was there while the parts were swapped
+    assert backups_mod.interrupted_restores(settings.data_path) == []  # undone: marker gone
+    monkeypatch.undo()
+
+    stage = settings.data_path / ".restore-crashed"
+    stage.mkdir()
+    (stage / backups_mod.SWAP_MARKER).write_text("x")  # what a real crash leaves
+    assert backups_mod.interrupted_restores(settings.data_path) == [stage]
+    message = _error(client.post("/api/backups/b/restore"), 409, "conflict")
+    assert ".restore-crashed" in message
+    app = create_app(settings, sandbox=FakeSandbox())
+    with pytest.raises(ConfigError, match="stopped while it swapped"), TestClient(app):
+        pass
+    monkeypatch.setenv("NOX_DATA_DIR", str(settings.data_path))
+    monkeypatch.setenv("NOX_BACKUP_KEY", KEY)
+    served = CliRunner().invoke(cli_app, ["serve", "--port", "1"])
+    assert served.exit_code == 2, served.output
+    assert "stopped while it swapped" in served.output
+    (stage / backups_mod.SWAP_MARKER).unlink()
+    resp = client.post("/api/backups/b/restore")
+    assert resp.status_code == 200, resp.text
+
+
 # -- 3. the offline command line ------------------------------------------------------------------
 
 

@@ -68,6 +68,7 @@ def serve(
     import uvicorn
 
     from nox_api.app import create_app
+    from nox_api.services.backups import refuse_interrupted_restore
     from nox_api.services.policy import load_policy
     from nox_api.services.tokens import Role, TokenService
 
@@ -77,6 +78,7 @@ def serve(
     )
     try:
         load_policy(settings.policy_path)  # a bad policy file stops start-up here, exit 2
+        refuse_interrupted_restore(settings.data_path)  # so does a restore cut off mid-swap
         with _local_database(settings) as db:
             tokens = TokenService(db)
             if settings.api_token is None and tokens.count() == 0:

@@ -13,7 +13,7 @@ from nox_api.engine.process import Launcher
 from nox_api.errors import ConfigError
 from nox_api.observability.logging import ServerLog
 from nox_api.services.auditing import Auditor, Caller, open_audit_log
-from nox_api.services.backups import BackupService
+from nox_api.services.backups import BackupService, refuse_interrupted_restore
 from nox_api.services.cleaning import Cleaner
 from nox_api.services.executions import ExecutionService, ceiling_of
 from nox_api.services.file_search import SearchBudget
@@ -76,6 +76,11 @@ class Nox:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         server_lock = ServerLock.shared(data)  # no offline restore while this server runs
+        try:
+            refuse_interrupted_restore(data)
+        except ConfigError:
+            server_lock.release()
+            raise
         try:
             policy = PolicyStore(settings.policy_path)
         except PolicyError as exc:

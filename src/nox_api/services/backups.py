@@ -38,7 +38,7 @@ from typing import TypeVar
 from sqlalchemy.engine import make_url
 
 from nox_api.config import Settings
-from nox_api.errors import Conflict, InvalidRequest, NotFound, NoxError
+from nox_api.errors import ConfigError, Conflict, InvalidRequest, NotFound, NoxError
 from nox_api.services.audit import KEY_FILE
 from nox_api.services.auditing import Auditor, Caller, audit_key
 from nox_api.services.backup_archive import (
@@ -70,7 +70,10 @@ __all__ = [
     "BACKUP_SUFFIX",
     "BackupService",
     "RestoreResult",
+    "SWAP_MARKER",
     "StoredBackup",
+    "interrupted_restores",
+    "refuse_interrupted_restore",
     "sqlite_path",
     "validate_backup_name",
     "workspace_owner",
@@ -129,6 +132,26 @@ def _sync_filesystem(folder: Path) -> None:
         os.sync()  # no syncfs here: every file system
     finally:
         os.close(fd)
+
+
+SWAP_MARKER = "SWAPPING"
+
+
+def interrupted_restores(data: Path) -> list[Path]:
+    """Staging folders of restores that stopped (a crash, a kill) while they swapped the data
+    folder's parts: the data folder may then mix the previous and the restored state."""
+    return sorted(p.parent for p in data.glob(f".restore-*/{SWAP_MARKER}"))
+
+
+def refuse_interrupted_restore(data: Path) -> None:
+    """ConfigError (start-up stops, exit 2) when a restore stopped half-way through its swap."""
+    stopped = interrupted_restores(data)
+    if stopped:
+        raise ConfigError(
+            f"a restore stopped while it swapped the data folder's parts ({stopped[0]}): the "
+            "folder may mix the previous and the restored state; see docs/backups.md, "
+            "'An interrupted restore', before starting the server"
+        )
 
 
 def _remove_stage(stage: Path) -> None:
@@ -277,6 +300,12 @@ class BackupService:
                 raise NotFound(f"no backup named {name!r}")
             keys = key_material(self.settings)
             database = self._sqlite_path()
+            stopped = interrupted_restores(self.settings.data_path)
+            if stopped:
+                raise Conflict(
+                    f"an earlier restore stopped half-way ({stopped[0].name}); see "
+                    "docs/backups.md, 'An interrupted restore'"
+                )
             with self._operation():
                 result = _as_nox_error(self._restore, path, keys, database, progress, caller)
         except NoxError as exc:
@@ -460,6 +489,14 @@ class BackupService:
         old = stage / "old"
         old.mkdir(mode=0o700)
         swap = _Swap()
+        # Until the marker is gone, the data folder may hold part old and part restored state:
+        # a server does not start on it (see interrupted_restores).
+        marker = stage / SWAP_MARKER
+        marker.write_text(
+            "A restore was swapping the data folder's parts here; the parts it replaced are in "
+            "old/. See docs/backups.md, 'An interrupted restore'.\n"
+        )
+        _fsync_dir(stage)
         try:
             for part in (WORKSPACES_DIR, AUDIT_DIR, AUDIT_KEY):
                 if not (new / part).exists():
@@ -470,10 +507,13 @@ class BackupService:
                 swap.move(new / part, live)
             _fsync_dir(data)
             restore_database(new / DATABASE, database)
+            marker.unlink()
+            _fsync_dir(stage)
         except BaseException as exc:
             swap.undo()
             with contextlib.suppress(OSError):
                 _fsync_dir(data)
+                marker.unlink()  # undone: the previous state is whole again
             if isinstance(exc, NoxError) or not isinstance(exc, Exception):
                 raise
             raise NoxError(f"the restore failed and the previous state was kept: {exc}") from exc
