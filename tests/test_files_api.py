@@ -981,3 +981,21 @@ def test_a_file_time_out_of_range_does_not_fail_the_listing(
     assert modified_at(before).year == 1
     (_ws(settings) / "ok.txt").write_bytes(b"ok")
     assert client.get("/api/files").status_code == 200
+
+
+def test_a_regex_search_does_not_hold_every_line_of_a_file_at_once() -> None:
+    """Review finding: splitting a file of short lines into a list cost ~14x its size."""
+    import time as _time
+    import tracemalloc
+
+    from nox_api.services.file_search import _compile, _regex
+
+    content = b"ab\n" * (1 << 17)  # 384 KiB of 3-byte lines
+    find = _regex(_compile("never-there"))
+    tracemalloc.start()
+    try:
+        assert list(find(content, _time.monotonic() + 60)) == []
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(content) // 4, peak  # a line at a time, not a list of them all

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -66,8 +67,16 @@ def _server(data_dir: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], 
 def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    with _server(data_dir, port) as (_proc, lines):
-        pass
+    soft_before, hard_before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard_before), hard_before))
+    try:  # the server inherits a low soft limit of open files and raises it to the hard one
+        with _server(data_dir, port) as (proc, lines):
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft_before, hard_before))
+    found = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits)
+    assert found is not None, limits
+    assert found.group(1) == found.group(2) == str(hard_before), limits
     tokens = [m.group(0) for line in lines for m in re.finditer(r"nox_[A-Za-z0-9_-]{43}", line)]
     assert len(tokens) == 1, lines
     auth = {"Authorization": f"Bearer {tokens[0]}"}

@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 a failure at run time, 2 bad configuration or usage (se
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -59,6 +61,17 @@ def _fail(exc: NoxError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _raise_open_files_limit() -> None:
+    """Let the server use as many open files as its hard limit allows: a recursive listing or
+    search holds a descriptor per folder level (up to 256) and a default soft limit of 1024
+    could run out under a few at once. Sandboxes set their own limit (the policy's open_files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (NOX_HOST).")] = None,
@@ -73,6 +86,7 @@ def serve(
     from nox_api.services.tokens import Role, TokenService
 
     settings = _settings(host=host, port=port)
+    _raise_open_files_limit()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

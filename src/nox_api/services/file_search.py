@@ -163,13 +163,22 @@ def _plain(needle: bytes) -> Finder:
     return find
 
 
+def _lines(content: bytes) -> Iterator[bytes]:
+    """The lines of ``content`` one at a time (no line after a last line break): a list of
+    them all would cost several times the file in memory for short lines."""
+    start, end_all = 0, len(content)
+    while start < end_all:
+        end = content.find(b"\n", start)
+        if end == -1:
+            end = end_all
+        yield content[start:end]
+        start = end + 1
+
+
 def _regex(compiled: re2._Regexp) -> Finder:
     def find(content: bytes, deadline: float) -> Iterator[tuple[int, bytes, int]]:
-        lines = content.split(b"\n")
-        if content.endswith(b"\n"):
-            lines.pop()  # no line after the last line break
         unchecked = 0  # bytes matched since the last look at the clock
-        for index, line in enumerate(lines):
+        for index, line in enumerate(_lines(content)):
             if line.endswith(b"\r"):  # a CRLF file: "$" still ends the line
                 line = line[:-1]  # noqa: PLW2901
             found = compiled.search(line[:REGEX_LINE_BYTES])
