@@ -9,12 +9,27 @@
 #   NOX_BACKUP_KEY        64 hex characters, or NOX_BACKUP_PASSPHRASE: the backup's key
 #   NOX_BACKUP_PREFIX     name prefix of these backups (default: nightly)
 #   NOX_API_BIN           the nox-api command (default: nox-api on PATH)
+#   NOX_ENV_FILE          a file of VAR=value lines read first (mode 0600 or stricter): keeps
+#                         the key off the crontab line, which other users see in `ps`
 # Exit status: 0 when the backup was written and old ones pruned, else non-zero (cron mails it).
 #
-# Example crontab line (03:15 every night, keep two weeks):
-#   15 3 * * *  NOX_DATA_DIR=/srv/nox/data NOX_BACKUP_KEY=... /opt/nox/backup/backup_nox.sh 14
+# Example crontab line (03:15 every night, keep two weeks), /etc/nox/backup.env holding
+# NOX_DATA_DIR=/srv/nox/data and NOX_BACKUP_KEY=<64 hex> with mode 0600:
+#   15 3 * * *  NOX_ENV_FILE=/etc/nox/backup.env /opt/nox/backup/backup_nox.sh 14
 set -euo pipefail
 export LC_ALL=C  # name order of the globbed backups below is byte order
+
+if [[ -n "${NOX_ENV_FILE:-}" ]]; then
+    mode=$(stat -c %a -- "${NOX_ENV_FILE}") || exit 2
+    if (( 8#${mode} & 8#077 )); then
+        echo "backup_nox.sh: ${NOX_ENV_FILE} is readable by others (mode ${mode}): chmod 600 it" >&2
+        exit 2
+    fi
+    set -a
+    # shellcheck disable=SC1090 # the file is the operator's, named at run time
+    . "${NOX_ENV_FILE}"
+    set +a
+fi
 
 keep="${1:-${NOX_BACKUP_KEEP:-7}}"
 prefix="${NOX_BACKUP_PREFIX:-nightly}"

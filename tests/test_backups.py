@@ -831,6 +831,21 @@ def test_the_cron_script_backs_up_and_keeps_the_newest(offline: Settings, data_d
     assert bad_keep.returncode == 2
     assert "KEEP must be a whole number" in bad_keep.stderr
 
+    # the key from an env file (kept off the crontab line), which must not be readable by others
+    env_file = data_dir.parent / f"{data_dir.name}.env"
+    env_file.write_text(f"NOX_DATA_DIR={data_dir}\nNOX_BACKUP_KEY={KEY}\n")
+    env_file.chmod(0o644)
+    bare = {"PATH": os.environ["PATH"], "NOX_API_BIN": str(NOX_API), "NOX_ENV_FILE": str(env_file)}
+    loose = _script(["bash", str(SCRIPT), "2"], env=bare, timeout=60)
+    assert loose.returncode == 2
+    assert "readable by others" in loose.stderr
+    env_file.chmod(0o600)
+    time.sleep(1.1)  # names hold the second: not the same as the first run's
+    from_file = _script(["bash", str(SCRIPT), "5"], env=bare, timeout=120)
+    assert from_file.returncode == 0, from_file.stderr
+    assert len(list(offline.backups_dir.glob("nightly-*.noxbak"))) == 3
+    env_file.unlink()
+
 
 # -- 5. a real sandbox sees the restored workspace ------------------------------------------------
 
