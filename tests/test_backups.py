@@ -225,8 +225,15 @@ def test_backup_then_loss_then_restore_brings_everything_back(
     assert entries[0]["action"] == "backup.restore"
     assert entries[0]["target"] == "before-loss"
     assert entries[0]["details"]["pre_restore"] == body["pre_restore"]
-    # the chain goes on from the restored log: what it held, then the restore
-    assert verify["entries"] == body["restored"]["audit_entries"] + 1
+    # the chain goes on from the restored log: what it held, the pre-restore backup, the restore
+    assert entries[1]["action"] == "backup.create"
+    assert entries[1]["target"] == body["pre_restore"]
+    assert verify["entries"] == body["restored"]["audit_entries"] + 2
+    # the log the restore replaced is kept beside the pre-restore backup (lines written while
+    # that backup was made are in neither it nor the restored log)
+    replaced = settings.backups_dir / f"{body['pre_restore']}.audit"
+    assert (replaced / "audit.jsonl").is_file()
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o700
     assert nox.sandbox.flushes == 1  # type: ignore[attr-defined]
 
     # The state before the restore was kept, and it is a backup like any other.

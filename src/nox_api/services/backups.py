@@ -368,7 +368,11 @@ class BackupService:
                 os.link(partial, target)
             except FileExistsError:
                 raise Conflict(f"a backup named {name!r} exists already") from None
-            _write_sum(target, sealed.sha256)
+            try:
+                _write_sum(target, sealed.sha256)
+            except OSError:
+                target.unlink(missing_ok=True)  # a failed backup must not hold its name
+                raise
             _fsync_dir(self.folder)
         except (OSError, sqlite3.Error) as exc:
             raise NoxError(f"the backup {name!r} could not be written: {exc}") from None
@@ -430,15 +434,20 @@ class BackupService:
             # Everything verified: keep the present state, then swap.
             pre = self._pre_restore_name()
             info, stats = self._write(pre, keys, database, None)
-            self.auditor.record("backup.create", caller, target=pre, size=info.size,
-                                sha256=info.sha256, files=stats.files, bytes=stats.bytes,
-                                skipped=stats.skipped, reason="before a restore")  # fmt: skip
             before = _folders(self.settings.workspaces_dir)
             # On disk before it replaces the live state (after the swap the old folders are
             # deleted), and before audit writes are held: a syncfs can take seconds.
             _sync_filesystem(new)
-            with self.auditor.suspended(lambda: audit_key(self.settings)):
-                self._swap(stage, new, database)
+            try:
+                with self.auditor.suspended(lambda: audit_key(self.settings)):
+                    self._swap(stage, new, database)
+            finally:
+                # Recorded in the chain that is live now: the restored one after the swap (a
+                # line in the replaced log would go with it), the kept one after a failure.
+                self.auditor.record("backup.create", caller, target=pre, size=info.size,
+                                    sha256=info.sha256, files=stats.files, bytes=stats.bytes,
+                                    skipped=stats.skipped, reason="before a restore")  # fmt: skip
+            self._keep_replaced_audit(stage, pre)
             self._restored(before | _folders(self.settings.workspaces_dir))
         finally:
             _remove_stage(stage)
@@ -528,6 +537,19 @@ class BackupService:
                     self._changed(workspace)
         except Exception:  # the restore is done; a stale cache must not turn it into an error
             log.exception("restore: a clean-up step after the restore failed")
+
+    def _keep_replaced_audit(self, stage: Path, pre: str) -> None:
+        """Keep the audit log the restore replaced as ``backups/<pre>.audit/``: lines written
+        while the pre-restore backup was made are in neither that backup nor the restored log.
+        ``nox-api audit verify FILE`` checks its files."""
+        replaced = stage / "old" / AUDIT_DIR
+        if not replaced.is_dir():
+            return
+        try:
+            os.rename(replaced, self.folder / f"{pre}.audit")
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            log.error("restore: could not keep the replaced audit log %s: %s", replaced, exc)
 
     def _pre_restore_name(self) -> str:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
