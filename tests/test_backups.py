@@ -534,6 +534,7 @@ _WORKSPACE_START = [
             _tar_member("workspaces/default/fine.txt", data=b"again"),
             "holds 'workspaces/default/fine.txt' twice",
         ),
+        (_tar_member("workspaces/default/fine.txt/under", data=b"x"), "entries collide"),
     ],
     ids=[
         "dotdot",
@@ -546,6 +547,7 @@ _WORKSPACE_START = [
         "top",
         "ws",
         "twice",
+        "file-then-child",
     ],
 )
 def test_a_crafted_archive_is_refused_and_nothing_changes(

@@ -14,6 +14,7 @@ while this thread decrypts, decompresses and parses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -250,6 +251,20 @@ class _FileMaker:
                 continue  # drain: the caller finds the error at its next put
             try:
                 self._do(item)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                # entries that contradict each other (a file, then a folder of that name)
+                self._error = BackupFormatError(f"the archive's entries collide: {exc}")
+                self._close()
+            except (ValueError, OverflowError) as exc:  # a time or mode no file can have
+                self._error = BackupFormatError(f"the archive holds an impossible entry: {exc}")
+                self._close()
+            except OSError as exc:
+                self._error = (
+                    BackupFormatError(f"the archive holds a path too long here: {exc}")
+                    if exc.errno == errno.ENAMETOOLONG
+                    else exc
+                )
+                self._close()
             except BaseException as exc:
                 self._error = exc
                 self._close()
