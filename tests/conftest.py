@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -49,6 +52,27 @@ def write_policy(folder: Path, text: str) -> Path:
     path = folder / "policy.yaml"
     path.write_text(text)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers a test starts itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def hold_saves(nox: Nox) -> dict[str, threading.Event]:
+    """Make the server's writer thread wait before it saves a run's history row, until the
+    event of the run's code in the returned dict is set (the answer never waits for it)."""
+    held: dict[str, threading.Event] = {}
+    real_save = nox.executions._save
+
+    def save(execution: Any, principal: Any, source: str) -> None:
+        held.setdefault(source, threading.Event()).wait(5)
+        real_save(execution, principal, source)
+
+    nox.executions._save = save  # type: ignore[method-assign]
+    return held
 
 
 def nox_of(c: TestClient) -> Nox:

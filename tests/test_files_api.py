@@ -27,7 +27,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from tests.conftest import error_message as _error
-from tests.conftest import write_policy
+from tests.conftest import free_port, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -697,12 +697,6 @@ ATTEMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 _SERVER = textwrap.dedent(
     """
     import sys, uvicorn
@@ -725,7 +719,7 @@ def _server(data_dir: Path, **env: str) -> Iterator[tuple[int, str, subprocess.P
         token = TokenService(db).create("live", Role.RUNNER).secret
     finally:
         db.close()
-    port = _free_port()
+    port = free_port()
     # Rate limits that never refuse these tests (still counted on every request).
     policy = write_policy(data_dir, "rate_limits:\n  roles:\n    runner: 1000000/minute\n")
     environ = {**os.environ, "NOX_DATA_DIR": str(data_dir), "NOX_POLICY_FILE": str(policy), **env}

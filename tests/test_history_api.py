@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from tests._history_rows import NOW, add_runs, ids_in
 from tests.conftest import error_message as _error
-from tests.conftest import nox_of
+from tests.conftest import hold_saves, nox_of
 
 from nox_api.app import create_app
 from nox_api.config import load_settings
@@ -185,10 +185,11 @@ def test_a_read_waits_for_rows_still_being_written(client: TestClient, admin_tok
     nox = nox_of(client)
     principal = nox.tokens.authenticate(admin_token)
     assert principal is not None
-    held: list[Callable[[], None]] = []
-    execution = nox.executions.run(Caller(principal), RunPython(code="print(1)"), held.append)
+    held = hold_saves(nox)
+    held["print(1)"] = threading.Event()
+    execution = nox.executions.run(Caller(principal), RunPython(code="print(1)"))
     assert execution.id not in ids_in(nox.db)  # not written yet
-    writer = threading.Timer(0.2, held[0])
+    writer = threading.Timer(0.2, held["print(1)"].set)
     writer.start()
     try:
         started = time.monotonic()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import write_policy
+from tests.conftest import free_port, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -25,12 +25,6 @@ from nox_api.engine.fake import FakeSandbox
 from nox_api.services.tokens import Role
 
 POLICY = "rate_limits:\n  roles:\n    runner: 3/minute\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:
@@ -44,7 +38,7 @@ def _answers_ping(port: int) -> bool:
 def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is needed (make test installs it: apt-get install redis-server)"
-    port = _free_port()
+    port = free_port()
     folder = tempfile.mkdtemp(prefix="nox-redis-")
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",

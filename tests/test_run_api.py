@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from tests.conftest import write_policy
+from tests.conftest import hold_saves, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -175,11 +174,12 @@ def test_every_run_is_saved_to_history(client: TestClient) -> None:
 
 
 def test_history_readers_can_wait_for_rows_written_after_the_answer(client: TestClient) -> None:
-    """The route writes a run's row just after its answer; ``settle`` waits for it."""
+    """The writer writes a run's row just after its answer; ``settle`` waits for it."""
     nox = client.app.state.nox  # type: ignore[attr-defined]
-    deferred: list[Callable[[], None]] = []
+    held = hold_saves(nox)
+    held["print(2)"] = threading.Event()
     caller = Caller(Principal("env", "tester", Role.RUNNER, "default"), "127.0.0.1", "rid")
-    execution = nox.executions.run(caller, RunPython(code="print(2)"), deferred.append)
+    execution = nox.executions.run(caller, RunPython(code="print(2)"))
 
     def count() -> int:
         with nox.db.session() as session:
@@ -188,8 +188,7 @@ def test_history_readers_can_wait_for_rows_written_after_the_answer(client: Test
             )
 
     assert count() == 0  # answered, not yet written
-    assert len(deferred) == 1
-    writer = threading.Timer(0.2, deferred[0])
+    writer = threading.Timer(0.2, held["print(2)"].set)
     writer.start()
     began = time.monotonic()
     nox.executions.settle(timeout_s=5.0)
@@ -232,9 +231,10 @@ def test_an_unexpected_error_is_a_json_500_without_a_trace(
 def test_settle_waits_only_for_runs_answered_before_it(client: TestClient) -> None:
     """A reader is not held by runs answered after it started waiting."""
     nox = client.app.state.nox  # type: ignore[attr-defined]
-    deferred: list[Callable[[], None]] = []
+    held = hold_saves(nox)
+    held["print(1)"], held["print(2)"] = threading.Event(), threading.Event()
     caller = Caller(Principal("env", "tester", Role.RUNNER, "default"), "127.0.0.1", "rid")
-    nox.executions.run(caller, RunPython(code="print(1)"), deferred.append)
+    nox.executions.run(caller, RunPython(code="print(1)"))
     waited = threading.Event()
 
     def reader() -> None:
@@ -244,11 +244,13 @@ def test_settle_waits_only_for_runs_answered_before_it(client: TestClient) -> No
     thread = threading.Thread(target=reader)
     thread.start()
     time.sleep(0.05)
-    nox.executions.run(caller, RunPython(code="print(2)"), deferred.append)  # a later run
-    deferred[0]()  # the first run's row is written; the second's is not
+    nox.executions.run(caller, RunPython(code="print(2)"))  # a later run
+    assert not waited.wait(0.1)  # the first run's row is not written yet
+    held["print(1)"].set()  # the first run's row is written; the second's is held
     assert waited.wait(2.0)
     thread.join()
-    deferred[1]()
+    held["print(2)"].set()
+    nox.executions.settle()
 
 
 def test_answers_do_not_wait_for_the_history_write(client: TestClient) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.sandbox
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -65,7 +59,7 @@ def _server(data_dir: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], 
 
 
 def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     soft_before, hard_before = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard_before), hard_before))

@@ -31,6 +31,7 @@ from pathlib import Path
 from nox_api.config import Settings
 from nox_api.errors import InvalidRequest, NotFound
 from nox_api.services.auditing import Auditor, Caller
+from nox_api.services.files import DIR_FLAGS
 from nox_api.services.tokens import validate_workspace_name
 from nox_api.services.workspace_files import UPLOAD_PREFIX  # what a write names its temp file
 
@@ -49,7 +50,6 @@ LEFTOVER_GRACE_S = 3600.0
 MAX_DEPTH = 128
 MAX_LISTED_PATHS = 1000
 _DAY_S = 86400
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Given an entry's name and lstat, whether to remove it (folders: whether to remove all of it).
 _Rule = Callable[[str, os.stat_result], bool]
@@ -81,7 +81,7 @@ def _open_dir(name: str, dir_fd: int | None = None) -> int | None:
     """A descriptor of the folder ``name`` (never through a link), or None when it is gone or
     is not a folder (any more)."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:

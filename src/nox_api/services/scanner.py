@@ -25,6 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from nox_api.services.files import DIR_FLAGS
 from nox_api.storage.db import Database
 from nox_api.storage.models import WorkspaceStorageRow
 
@@ -45,7 +46,6 @@ class _Listing(Protocol):
     def close(self) -> None: ...
 
 
-_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 MAX_SCAN_DEPTH = 256
 
 
@@ -101,10 +101,10 @@ class UsageWalk:
         return seen
 
     def _open(self, names: tuple[str, ...]) -> _Listing:
-        fd = os.open(self._root, _DIR_OPEN)
+        fd = os.open(self._root, DIR_FLAGS)
         try:
             for name in names:
-                nxt = os.open(name, _DIR_OPEN, dir_fd=fd)
+                nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nxt
             listing = os.scandir(fd)
