@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     pool_max_workspaces: int = Field(
         16, ge=1, description="Workspaces that may have warm sandboxes at once."
     )
+    pool_stems: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Half-started sandboxes (cgroup joined, no workspace yet) kept for runs the "
+        "warm pool misses; used only with cgroups (0 turns them off).",
+    )
     max_concurrent_runs: int = Field(
         8, ge=1, le=1024, description="Runs executing at once; more wait for a slot."
     )

@@ -241,6 +241,7 @@ def build_sandbox(settings: Settings, ceiling: Limits) -> Sandbox:
         pool_idle_s=settings.pool_idle_s,
         pool_max_workspaces=settings.pool_max_workspaces,
         max_concurrent=settings.max_concurrent_runs,
+        stems=settings.pool_stems,
         use_cgroups=use_cgroups,
         probe_dir=settings.probe_dir,
     )

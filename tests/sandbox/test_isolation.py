@@ -18,12 +18,46 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from nox_api.config import Settings
+from nox_api.config import Settings, load_settings
 from nox_api.services.policy import Policy
 
 from ._helpers import SANDBOX_UID, run_py, run_sh
 
 pytestmark = pytest.mark.sandbox
+
+# A sandbox starts three ways: taken from the warm pool, grown from a stem (cgroup joined ahead,
+# workspace given at run time through bwrap's --args), or started from nothing. Every check
+# here runs on each, so a difference between their command lines cannot open a hole.
+START_PATHS = {
+    "warm": {"pool_size": 1, "pool_stems": 0},
+    "stem": {"pool_size": 0, "pool_stems": 2},
+    "fresh": {"pool_size": 0, "pool_stems": 0},
+}
+
+
+@pytest.fixture(params=list(START_PATHS))
+def start_path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def bwrap_settings(start_path: str, data_dir: Path) -> Settings:
+    return load_settings(data_dir=data_dir, **START_PATHS[start_path])
+
+
+def test_runs_take_the_start_path_under_test(
+    bwrap_client: TestClient, bwrap_settings: Settings, start_path: str
+) -> None:
+    sandbox = bwrap_client.app.state.nox.sandbox  # type: ignore[attr-defined]
+    full = (bwrap_settings.pool_size, bwrap_settings.pool_stems)
+    deadline = time.monotonic() + 10
+    while (sandbox.pool_stats().ready, sandbox.stem_stats().ready) != full:
+        assert time.monotonic() < deadline, "the pools did not fill"
+        time.sleep(0.02)
+    pool_hits, stem_hits = sandbox.pool_stats().hits, sandbox.stem_stats().hits
+    assert run_py(bwrap_client, "print(1)")["stdout"] == "1\n"
+    used = (sandbox.pool_stats().hits - pool_hits, sandbox.stem_stats().hits - stem_hits)
+    assert used == {"warm": (1, 0), "stem": (0, 1), "fresh": (0, 0)}[start_path]
 
 
 def require_x86_64() -> None:

@@ -24,6 +24,7 @@ _ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
 
 
 class BwrapLauncher:
+    supports_stems = True
     uses_seccomp = True
 
     def __init__(
@@ -90,14 +91,25 @@ class BwrapLauncher:
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
-        argv: list[str] = []
-        if self._setpriv is not None:
-            argv += [
-                self._setpriv, f"--reuid={self._uid}", f"--regid={self._gid}",
-                "--clear-groups", "--inh-caps=-all",
-            ]  # fmt: skip
-        argv += [self._bwrap, *self._static]
-        argv += [
+        return [
+            *self._head(seccomp_fd),
+            *self.stem_args(workspace, limits),
+            *self._tail(bootstrap_fds),
+        ]
+
+    def stem_command(
+        self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
+    ) -> list[str]:
+        """The same sandbox, except that its workspace-dependent options (:meth:`stem_args`)
+        come later, NUL-separated, through ``args_fd``: bwrap blocks reading them before it
+        sets anything up. If that pipe closes empty, the sandbox starts with no workspace and
+        no writable folder at all, and its bootstrap exits (its control pipe is closed too)."""
+        return [*self._head(seccomp_fd), "--args", str(args_fd), *self._tail(bootstrap_fds)]
+
+    def stem_args(self, workspace: Path, limits: Limits) -> list[str]:
+        """The options that depend on the workspace and the limits, in the order bwrap applies
+        them after the static ones (the root is remounted read-only last)."""
+        return [
             "--size", str(limits.tmp_size_mib * MIB), "--tmpfs", "/tmp",
             "--bind", str(workspace), "/workspace", "--chdir", "/workspace",
             "--proc", "/proc", "--dev", "/dev",
@@ -106,10 +118,21 @@ class BwrapLauncher:
             "--size", str(limits.tmp_size_mib * MIB), "--tmpfs", "/dev/shm",
             "--remount-ro", "/dev", "--remount-ro", "/",
         ]  # fmt: skip
+
+    def _head(self, seccomp_fd: int | None) -> list[str]:
+        argv: list[str] = []
+        if self._setpriv is not None:
+            argv += [
+                self._setpriv, f"--reuid={self._uid}", f"--regid={self._gid}",
+                "--clear-groups", "--inh-caps=-all",
+            ]  # fmt: skip
+        argv += [self._bwrap, *self._static]
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
-        argv += ["--", self._python, "-I", "-S", "-c", self._bootstrap, *map(str, bootstrap_fds)]
         return argv
+
+    def _tail(self, bootstrap_fds: Sequence[int]) -> list[str]:
+        return ["--", self._python, "-I", "-S", "-c", self._bootstrap, *map(str, bootstrap_fds)]
 
     def environment(self) -> dict[str, str]:
         return {}

@@ -18,11 +18,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
-from nox_api.engine.process import SandboxProcess
 from nox_api.engine.quiet import QuietGate
 
-__all__ = ["PoolStats", "WarmPool"]
+__all__ = ["PoolStats", "Pooled", "WarmPool"]
 
 log = logging.getLogger("nox.engine.pool")
 
@@ -36,29 +36,42 @@ class PoolStats:
     spawn_failures: int
 
 
-class _Queue:
+class Pooled(Protocol):
+    """What the pool keeps: a started sandbox (or a :class:`~.process.Stem`)."""
+
+    def alive(self) -> bool: ...
+
+    def discard(self) -> None: ...
+
+
+T = TypeVar("T", bound=Pooled)
+
+
+class _Queue(Generic[T]):
     __slots__ = ("last_used", "ready")
 
     def __init__(self) -> None:
-        self.ready: deque[SandboxProcess] = deque()
+        self.ready: deque[T] = deque()
         self.last_used = time.monotonic()
 
 
-class WarmPool:
+class WarmPool(Generic[T]):
     def __init__(
         self,
-        spawn: Callable[[Path], SandboxProcess],
+        spawn: Callable[[Path], T],
         size: int,
         idle_s: float,
         max_workspaces: int,
         quiet: QuietGate | None = None,
+        *,
+        name: str = "nox-pool",
     ) -> None:
         self._spawn = spawn
         self._quiet = quiet
         self._size = size
         self._idle_s = idle_s
         self._max_workspaces = max_workspaces
-        self._queues: OrderedDict[Path, _Queue] = OrderedDict()
+        self._queues: OrderedDict[Path, _Queue[T]] = OrderedDict()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
@@ -66,15 +79,15 @@ class WarmPool:
         self._generation = 0  # bumped by flush(): a sandbox started before it is not kept
         self._thread: threading.Thread | None = None
         if size > 0:
-            self._thread = threading.Thread(target=self._refill_loop, name="nox-pool", daemon=True)
+            self._thread = threading.Thread(target=self._refill_loop, name=name, daemon=True)
             self._thread.start()
 
-    def take(self, workspace: Path) -> SandboxProcess | None:
+    def take(self, workspace: Path) -> T | None:
         """A ready sandbox for ``workspace``, or None (the caller starts one)."""
         if self._size <= 0:
             return None
-        stale: list[SandboxProcess] = []
-        found: SandboxProcess | None = None
+        stale: list[T] = []
+        found: T | None = None
         with self._lock:
             queue = self._touch(workspace)
             while queue.ready:
@@ -130,7 +143,7 @@ class WarmPool:
                 sp.discard()
 
     # -- inside the lock -------------------------------------------------------------------
-    def _touch(self, workspace: Path) -> _Queue:
+    def _touch(self, workspace: Path) -> _Queue[T]:
         queue = self._queues.get(workspace)
         if queue is None:
             queue = self._queues[workspace] = _Queue()
@@ -138,9 +151,9 @@ class WarmPool:
         queue.last_used = time.monotonic()
         return queue
 
-    def _evictions(self) -> list[SandboxProcess]:
+    def _evictions(self) -> list[T]:
         now = time.monotonic()
-        dropped: list[SandboxProcess] = []
+        dropped: list[T] = []
         for path in list(self._queues):
             queue = self._queues[path]
             too_many = len(self._queues) > self._max_workspaces

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,7 +33,10 @@ from nox_api.engine.cgroups import Cgroup, CgroupManager
 from nox_api.engine.quiet import QuietGate
 from noxsdk.models import ExecutionStatus
 
-__all__ = ["BASE_ENV", "Launcher", "SandboxProcess", "bootstrap_source", "spawn", "supervise"]
+__all__ = [
+    "BASE_ENV", "Launcher", "SandboxProcess", "Stem", "bootstrap_source", "grow", "spawn",
+    "spawn_stem", "supervise",
+]  # fmt: skip
 
 _CHUNK = 65536
 
@@ -59,11 +62,20 @@ class Launcher(Protocol):
 
     uses_seccomp: bool
     memory_by_rlimit: bool  # no cgroup: the memory limit is RLIMIT_AS inside the sandbox
+    supports_stems: bool  # can start a sandbox before its workspace is known (see Stem)
 
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
         """``bootstrap_fds`` (the control and status pipes) are the bootstrap's arguments."""
+
+    def stem_command(
+        self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
+    ) -> list[str] | None:
+        """Like :meth:`command`, with the options of :meth:`stem_args` read from ``args_fd``
+        later; None when this launcher cannot do that."""
+
+    def stem_args(self, workspace: Path, limits: Limits) -> list[str]: ...
 
     def environment(self) -> dict[str, str]: ...
 
@@ -130,6 +142,82 @@ def spawn(
     """Start a sandbox for ``workspace``; its limits start at ``ceiling`` and are narrowed
     to the run's own when it is used. A ``nice`` start (the warm pool's) yields the CPU to
     running requests; the bootstrap takes the normal priority back when it gets its orders."""
+    return _start(
+        lambda fds, seccomp_fd: launcher.command(workspace, fds, seccomp_fd, ceiling),
+        launcher, workspace, cgroups, ceiling, nice=nice,
+    )  # fmt: skip
+
+
+@dataclass
+class Stem:
+    """A sandbox started as far as it goes without its workspace: its cgroup made and joined,
+    its user switched, bwrap waiting for the rest of its options on the ``args`` pipe. Joining
+    a cgroup v1 waits for an RCU grace period in the kernel (10-15 ms on this kind of VM), which
+    is most of what a cold start costs beyond the namespaces and the interpreter; a stem pays
+    it ahead of time, for whichever workspace needs a sandbox next. Used once, by :func:`grow`.
+    """
+
+    sp: SandboxProcess  # its workspace is a placeholder until grown
+    args: int
+
+    def alive(self) -> bool:
+        return self.sp.alive()
+
+    def discard(self) -> None:
+        """Kill it before its options pipe closes: an empty one would let bwrap go on."""
+        try:
+            self.sp.discard()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.args)
+
+
+def spawn_stem(launcher: Launcher, cgroups: CgroupManager | None, ceiling: Limits) -> Stem:
+    """Start a :class:`Stem` (the launcher must support them)."""
+    args_r, args_w = os.pipe()
+    try:
+
+        def argv(fds: Sequence[int], seccomp_fd: int | None) -> list[str]:
+            command = launcher.stem_command(fds, seccomp_fd, args_r)
+            if command is None:
+                raise ValueError(f"{type(launcher).__name__} cannot start stems")
+            return command
+
+        sp = _start(argv, launcher, Path("/nonexistent"), cgroups, ceiling, extra_fds=(args_r,))
+    except BaseException:
+        os.close(args_w)
+        raise
+    finally:
+        os.close(args_r)
+    return Stem(sp, args_w)
+
+
+def grow(stem: Stem, launcher: Launcher, workspace: Path, ceiling: Limits) -> SandboxProcess:
+    """Give ``stem`` the options that bind ``workspace``: it becomes a started sandbox, as
+    :func:`spawn` would have made it. Raises OSError (the stem is discarded) when it died."""
+    data = b"".join(os.fsencode(arg) + b"\0" for arg in launcher.stem_args(workspace, ceiling))
+    try:
+        view = memoryview(data)
+        while view:  # a few hundred bytes into an empty pipe: one write
+            view = view[os.write(stem.args, view) :]
+    except OSError:
+        stem.discard()
+        raise
+    os.close(stem.args)
+    stem.sp.workspace = workspace
+    return stem.sp
+
+
+def _start(
+    build: Callable[[Sequence[int], int | None], list[str]],
+    launcher: Launcher,
+    workspace: Path,
+    cgroups: CgroupManager | None,
+    ceiling: Limits,
+    *,
+    nice: int = 0,
+    extra_fds: Sequence[int] = (),
+) -> SandboxProcess:
     control_r, control_w = os.pipe()
     status_r, status_w = os.pipe()
     seccomp_fd = seccomp.filter_fd() if launcher.uses_seccomp else None
@@ -137,8 +225,10 @@ def spawn(
     try:
         if group is not None:
             group.set_limits(ceiling.memory_mib * MIB, ceiling.processes)
-        argv = launcher.command(workspace, (control_r, status_w), seccomp_fd, ceiling)
-        pass_fds = [control_r, status_w] + ([] if seccomp_fd is None else [seccomp_fd])
+        argv = build((control_r, status_w), seccomp_fd)
+        pass_fds = [control_r, status_w, *extra_fds]
+        if seccomp_fd is not None:
+            pass_fds.append(seccomp_fd)
         if nice:
             argv = ["/usr/bin/nice", "-n", str(nice), *argv]
         if group is not None:

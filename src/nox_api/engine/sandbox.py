@@ -6,6 +6,7 @@ go at once. The backends in :mod:`.bwrap` and :mod:`.unsafe` are this class with
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import shutil
 import tempfile
@@ -15,7 +16,15 @@ from pathlib import Path
 from nox_api.engine import cgroups as cgroups_mod
 from nox_api.engine.base import BackendInfo, Limits, Result, RunSpec, SandboxUnavailable
 from nox_api.engine.pool import PoolStats, WarmPool
-from nox_api.engine.process import Launcher, SandboxProcess, spawn, supervise
+from nox_api.engine.process import (
+    Launcher,
+    SandboxProcess,
+    Stem,
+    grow,
+    spawn,
+    spawn_stem,
+    supervise,
+)
 from nox_api.engine.quiet import QuietGate
 from noxsdk.models import ExecutionStatus
 
@@ -38,6 +47,7 @@ class ProcessSandbox:
         pool_idle_s: float,
         pool_max_workspaces: int,
         max_concurrent: int,
+        stems: int = 0,
         use_cgroups: bool,
         probe_dir: Path,
     ) -> None:
@@ -58,9 +68,17 @@ class ProcessSandbox:
         # they can take the normal priority back: RLIMIT_NICE 20 allows nice 0, no better.
         self._pool_nice = _POOL_NICE if _allow_normal_priority() else 0
         self._quiet = QuietGate()  # refills and tear-downs wait while runs are answered
-        self._pool = WarmPool(
+        self._pool: WarmPool[SandboxProcess] = WarmPool(
             self._spawn_ahead, pool_size, pool_idle_s, pool_max_workspaces, self._quiet
         )
+        # Stems (see process.Stem) serve the runs the warm pool misses, whatever their
+        # workspace. They save the cgroup's creation and join, so without cgroups they are off.
+        if self._cgroups is None or not launcher.supports_stems:
+            stems = 0
+        self._stems: WarmPool[Stem] = WarmPool(
+            self._spawn_stem, stems, math.inf, 1, self._quiet, name="nox-stems"
+        )
+        self._stems.prewarm(_STEMS)
 
     # -- Sandbox protocol ------------------------------------------------------------------
     def info(self) -> BackendInfo:
@@ -80,7 +98,7 @@ class ProcessSandbox:
             sp = self._pool.take(spec.workspace)
             warm = sp is not None
             if sp is None:
-                sp = self._spawn(spec.workspace)
+                sp = self._cold(spec.workspace)
             return supervise(sp, spec, self._launcher.memory_by_rlimit, warm, self._quiet)
 
     def prewarm(self, workspace: Path) -> None:
@@ -92,20 +110,25 @@ class ProcessSandbox:
 
     def flush(self) -> None:
         """Throw away the warm sandboxes (a restore replaced the folders they bound)."""
-        self._pool.flush()
+        self._pool.flush()  # stems have no folder yet: they stay
 
     def set_ceiling(self, ceiling: Limits) -> None:
         """New maxima: warm sandboxes started under the old ones are thrown away."""
         if ceiling != self._ceiling:
             self._ceiling = ceiling
             self._pool.flush()
+            self._stems.flush()
 
     def close(self) -> None:
         self._pool.close()
+        self._stems.close()
 
     # -- the rest --------------------------------------------------------------------------
     def pool_stats(self) -> PoolStats:
         return self._pool.stats()
+
+    def stem_stats(self) -> PoolStats:
+        return self._stems.stats()
 
     def limits_by(self) -> dict[str, str]:
         cg = f"cgroup {self._cgroups.version}" if self._cgroups is not None else None
@@ -155,10 +178,24 @@ class ProcessSandbox:
     def _spawn(self, workspace: Path) -> SandboxProcess:
         return spawn(self._launcher, workspace, self._cgroups, self._ceiling)
 
+    def _cold(self, workspace: Path) -> SandboxProcess:
+        """A sandbox started now: from a stem when one is ready, else from nothing."""
+        stem = self._stems.take(_STEMS)
+        if stem is not None:
+            try:
+                return grow(stem, self._launcher, workspace, self._ceiling)
+            except OSError:
+                log.warning("a stem died before it was used; starting a sandbox from nothing")
+        return self._spawn(workspace)
+
+    def _spawn_stem(self, _key: Path) -> Stem:
+        return spawn_stem(self._launcher, self._cgroups, self._ceiling)
+
     def _spawn_ahead(self, workspace: Path) -> SandboxProcess:
         return spawn(self._launcher, workspace, self._cgroups, self._ceiling, nice=self._pool_nice)
 
 
+_STEMS = Path("/")  # the stems' one queue in their pool: they belong to no workspace yet
 _POOL_NICE = 10
 _NICE_ZERO_ALLOWED = 20  # RLIMIT_NICE is 20 - the best nice value a process may set
 

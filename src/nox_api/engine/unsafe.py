@@ -23,6 +23,7 @@ UNSAFE_WARNING = (
 
 
 class UnsafeLauncher:
+    supports_stems = False
     uses_seccomp = False
 
     def __init__(self, *, python: str) -> None:
@@ -36,6 +37,14 @@ class UnsafeLauncher:
         # The bootstrap runs from the workspace: `cd` first, through the shell-free env tool.
         return ["/usr/bin/env", "-C", str(workspace), self._python, "-I", "-S", "-c",
                 self._bootstrap, *map(str, bootstrap_fds)]  # fmt: skip
+
+    def stem_command(
+        self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
+    ) -> list[str] | None:
+        return None  # no cgroups, nothing slow to do ahead of the workspace
+
+    def stem_args(self, workspace: Path, limits: Limits) -> list[str]:
+        return []
 
     def environment(self) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
