@@ -1,12 +1,15 @@
 """``POST /run_py`` and ``POST /run_sh``: run code in the caller's workspace.
 
-The handlers are plain ``def``: FastAPI runs them in its worker threads, where the blocking
-sandbox supervision belongs. User code failing is still HTTP 200; ``status`` tells how it ended.
+The blocking part (checks, the sandbox's supervision, the quota) goes to a worker thread in one
+hop; the handlers themselves are ``async``, because FastAPI would otherwise hop to a thread for
+the handler and again to validate its answer (about 0.7 ms each on a 2-core machine). User code
+failing is still HTTP 200; ``status`` tells how it ended.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from nox_api.deps import NoxDep, Runner
 from noxsdk.models import Execution, RunPython, RunShell
@@ -29,8 +32,8 @@ _ERRORS: dict[int | str, dict[str, str]] = {
     responses=_ERRORS,
     summary="Run Python code in a sandbox",
 )
-def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
-    return nox.executions.run(caller, body)
+async def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
+    return await run_in_threadpool(nox.executions.run, caller, body)
 
 
 @router.post(
@@ -39,5 +42,5 @@ def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
     responses=_ERRORS,
     summary="Run a shell command (/bin/sh -c) in a sandbox",
 )
-def run_sh(body: RunShell, nox: NoxDep, caller: Runner) -> Execution:
-    return nox.executions.run(caller, body)
+async def run_sh(body: RunShell, nox: NoxDep, caller: Runner) -> Execution:
+    return await run_in_threadpool(nox.executions.run, caller, body)

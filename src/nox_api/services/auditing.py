@@ -52,6 +52,7 @@ class DatabaseCheckpointStore:
         self._delay_s = delay_s
         self._background = background
         self._pending: Checkpoint | None = None
+        self._in_flight: Checkpoint | None = None  # being written: not in the table yet
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
         self._closed = False
@@ -59,8 +60,9 @@ class DatabaseCheckpointStore:
 
     def load(self) -> Checkpoint | None:
         with self._cond:
-            if self._pending is not None:
-                return self._pending
+            newest = self._pending or self._in_flight
+            if newest is not None:
+                return newest
         with self._db.session() as session:
             row = session.execute(
                 select(AuditCheckpointRow.count, AuditCheckpointRow.last_mac).where(
@@ -89,8 +91,18 @@ class DatabaseCheckpointStore:
         with self._write_lock:
             with self._cond:
                 cp, self._pending = self._pending, None
-            if cp is not None:
+                self._in_flight = cp
+            if cp is None:
+                return
+            try:
                 self._write(cp)
+            except BaseException:
+                with self._cond:  # kept for the next try unless a newer one came meanwhile
+                    self._pending = self._pending or cp
+                raise
+            finally:
+                with self._cond:
+                    self._in_flight = None
 
     def close(self) -> None:
         with self._cond:
