@@ -31,10 +31,10 @@ def _launcher() -> BwrapLauncher:
     return BwrapLauncher.create(python="/usr/bin/python3", uid=SANDBOX_UID, gid=SANDBOX_UID)
 
 
-def _workspace(root: Path, name: str) -> Path:
+def _workspace(sandbox: ProcessSandbox, root: Path, name: str) -> Path:
     folder = root / name
     folder.mkdir()
-    _launcher().prepare_workspace(folder)
+    sandbox.prepare_workspace(folder)
     return folder
 
 
@@ -83,7 +83,7 @@ def _stem_pids(sandbox: ProcessSandbox) -> list[int]:
 def test_stems_serve_any_workspace_with_its_own_files(
     stems_only: ProcessSandbox, root: Path
 ) -> None:
-    first, second = _workspace(root, "first"), _workspace(root, "second")
+    first, second = _workspace(stems_only, root, "first"), _workspace(stems_only, root, "second")
     _wait_ready(stems_only, 2)
     _run(stems_only, first, "open('mine.txt', 'w').write('first')")
     _wait_ready(stems_only, 2)
@@ -96,7 +96,7 @@ def test_stems_serve_any_workspace_with_its_own_files(
 def test_a_dead_stem_is_replaced_and_the_run_still_works(
     stems_only: ProcessSandbox, root: Path
 ) -> None:
-    workspace = _workspace(root, "ws")
+    workspace = _workspace(stems_only, root, "ws")
     _wait_ready(stems_only, 2)
     dead = _stem_pids(stems_only)
     for pid in dead:
@@ -143,15 +143,18 @@ def _zombie(pid: int) -> bool:
 
 def test_a_stem_whose_server_went_away_exits_without_running_anything(root: Path) -> None:
     """The server dies: the options pipe closes empty and bwrap goes on with its static
-    options only (no workspace, nothing writable but its own tmpfs root); the bootstrap
-    finds its control pipe closed and exits at once."""
-    stem = spawn_stem(_launcher(), None, CEILING)
+    options only (no workspace, no /proc, nothing writable but its own tmpfs root). The
+    interpreter cannot even open the bootstrap image (/proc/self/fd is not mounted), or, run
+    with -c, finds its control pipe closed: it ends at once either way, having run nothing."""
+    launcher = _launcher()
+    stem = spawn_stem(launcher, None, CEILING)
     sp = stem.sp
     os.close(stem.args)
     os.close(sp.control)
-    assert sp.proc.wait(timeout=10) == 0
+    assert sp.proc.wait(timeout=10) in (0, 2)  # exit(0) from the bootstrap, 2: no image
     assert sp.proc.stdout is not None
     assert sp.proc.stdout.read() == b""
+    launcher.close()
     os.close(sp.status)
     for pipe in (sp.proc.stdin, sp.proc.stdout, sp.proc.stderr):
         if pipe is not None:
@@ -164,5 +167,44 @@ def test_new_maxima_replace_the_stems(stems_only: ProcessSandbox, root: Path) ->
     stems_only.set_ceiling(Limits(timeout_s=30.0, memory_mib=CEILING.memory_mib // 2))
     _wait_ready(stems_only, 2)
     assert before.isdisjoint(_stem_pids(stems_only))
-    workspace = _workspace(root, "ws")
+    workspace = _workspace(stems_only, root, "ws")
     assert _run(stems_only, workspace, "print('ok')") == "ok\n"
+
+
+# -- the compiled bootstrap image ------------------------------------------------------------
+def test_sandboxes_run_the_sealed_image_and_the_program_never_holds_it(
+    stems_only: ProcessSandbox, root: Path
+) -> None:
+    launcher = stems_only._launcher
+    assert isinstance(launcher, BwrapLauncher)
+    image = launcher._image
+    assert image is not None, "the bootstrap image must build on this machine"
+    workspace = _workspace(stems_only, root, "ws")
+    code = (
+        "import os, sys\n"
+        f"fd = {image.fd}\n"
+        "try:\n    os.fstat(fd); print('open')\nexcept OSError:\n    print('closed')\n"
+        "print(sys.argv)\n"
+        "print(*sorted(int(n) for n in os.listdir('/proc/self/fd')))\n"
+    )
+    out = _run(stems_only, workspace, code).splitlines()
+    assert out[:2] == ["closed", "['-c']"]
+    # stdio, the listing's own descriptor and the bootstrap's status pipe: not the image
+    assert image.fd not in map(int, out[2].split())
+    assert len(out[2].split()) == 5
+    # Sealed: nobody, root included, can write it, even through a new descriptor.
+    writable = os.open(f"/proc/self/fd/{image.fd}", os.O_WRONLY)
+    try:
+        with pytest.raises(PermissionError):
+            os.write(writable, b"import os; os.system('evil')\n")
+        with pytest.raises(PermissionError):
+            os.ftruncate(writable, 0)
+    finally:
+        os.close(writable)
+
+
+def test_no_image_falls_back_to_compiling_the_source(root: Path) -> None:
+    from nox_api.engine.image import build_image
+
+    assert build_image("/nonexistent/python3", "print(1)") is None
+    assert build_image("/usr/bin/false", "print(1)") is None

@@ -1,4 +1,5 @@
-# The program every sandbox starts with, passed to ``python3 -I -S -c``.
+# The program every sandbox starts with: ``python3 -I -S /proc/self/fd/N``, N a sealed memfd of
+# this file compiled once by the server (see image.py), or ``python3 -I -S -c`` with this source.
 #
 # It starts ahead of time (the warm pool): it does everything that does not depend on the run
 # (imports, exit() and quit(), the __main__ module), then blocks reading its orders from the
@@ -138,6 +139,11 @@ def _report(status_fd: int, code: int) -> None:
 
 
 def _main() -> None:
+    if sys.argv[0].startswith("/proc/self/fd/"):  # run from the server's compiled image
+        try:
+            os.close(int(sys.argv[0].rpartition("/")[2]))  # the program never gets it
+        except (OSError, ValueError):
+            pass
     status_fd = int(sys.argv[2]) if len(sys.argv) > 2 else -1
     if status_fd >= 0:
         os.set_inheritable(status_fd, False)  # the program's children and /bin/sh never get it

@@ -63,6 +63,7 @@ class Launcher(Protocol):
     uses_seccomp: bool
     memory_by_rlimit: bool  # no cgroup: the memory limit is RLIMIT_AS inside the sandbox
     supports_stems: bool  # can start a sandbox before its workspace is known (see Stem)
+    inherited_fds: tuple[int, ...]  # descriptors every sandbox inherits (the bootstrap image)
 
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
@@ -78,6 +79,9 @@ class Launcher(Protocol):
     def stem_args(self, workspace: Path, limits: Limits) -> list[str]: ...
 
     def environment(self) -> dict[str, str]: ...
+
+    def close(self) -> None:
+        """Release what the launcher holds for its sandboxes."""
 
     def prepare_workspace(self, workspace: Path) -> None:
         """Make a new workspace folder usable by the sandbox's user."""
@@ -226,7 +230,7 @@ def _start(
         if group is not None:
             group.set_limits(ceiling.memory_mib * MIB, ceiling.processes)
         argv = build((control_r, status_w), seccomp_fd)
-        pass_fds = [control_r, status_w, *extra_fds]
+        pass_fds = [control_r, status_w, *extra_fds, *launcher.inherited_fds]
         if seccomp_fd is not None:
             pass_fds.append(seccomp_fd)
         if nice:

@@ -122,6 +122,7 @@ class ProcessSandbox:
     def close(self) -> None:
         self._pool.close()
         self._stems.close()
+        self._launcher.close()
 
     # -- the rest --------------------------------------------------------------------------
     def pool_stats(self) -> PoolStats:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nox_api.engine.base import Limits
+from nox_api.engine.image import build_image
 from nox_api.engine.process import bootstrap_source
 
 __all__ = ["UNSAFE_WARNING", "UnsafeLauncher"]
@@ -30,13 +31,16 @@ class UnsafeLauncher:
         self.memory_by_rlimit = True
         self._python = python
         self._bootstrap = bootstrap_source()
+        self._image = build_image(python, self._bootstrap)
+        self.inherited_fds: tuple[int, ...] = () if self._image is None else (self._image.fd,)
 
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
         # The bootstrap runs from the workspace: `cd` first, through the shell-free env tool.
-        return ["/usr/bin/env", "-C", str(workspace), self._python, "-I", "-S", "-c",
-                self._bootstrap, *map(str, bootstrap_fds)]  # fmt: skip
+        start = ["-I", "-S", "-c", self._bootstrap] if self._image is None else self._image.argv()
+        return ["/usr/bin/env", "-C", str(workspace), self._python, *start,
+                *map(str, bootstrap_fds)]  # fmt: skip
 
     def stem_command(
         self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
@@ -45,6 +49,13 @@ class UnsafeLauncher:
 
     def stem_args(self, workspace: Path, limits: Limits) -> list[str]:
         return []
+
+    def close(self) -> None:
+        """Release the bootstrap image (the sandboxes started from it keep their copy)."""
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+            self.inherited_fds = ()
 
     def environment(self) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
