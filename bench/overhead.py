@@ -36,16 +36,22 @@ def _switcher(app: Any) -> Callable[[bool], None]:
     nox = app.state.nox
     runner_dep = typing.get_args(deps.Runner)[1].dependency
     principal = Principal("bench", "bench", Role.RUNNER, "default")
-    record, check_run = nox.auditor.record, nox.quotas.check_run
+    quotas = nox.quotas
+    saved = nox.auditor.record, quotas.reserve_run, quotas.count_run
+
+    async def anyone() -> Caller:  # async like the real one: no worker-thread hop either way
+        return Caller(principal, "127.0.0.1")
+
+    def nothing(*_args: Any, **_kwargs: Any) -> None:
+        return None
 
     def switch(enabled: bool) -> None:
         if enabled:
             app.dependency_overrides.clear()
-            nox.auditor.record, nox.quotas.check_run = record, check_run
+            nox.auditor.record, quotas.reserve_run, quotas.count_run = saved
         else:
-            app.dependency_overrides[runner_dep] = lambda: Caller(principal, "127.0.0.1")
-            nox.auditor.record = lambda *a, **k: None
-            nox.quotas.check_run = lambda *a, **k: None
+            app.dependency_overrides[runner_dep] = anyone
+            nox.auditor.record = quotas.reserve_run = quotas.count_run = nothing
 
     return switch
 

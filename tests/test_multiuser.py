@@ -1029,3 +1029,61 @@ def test_the_deny_list_comes_from_the_policy(serve: Callable[..., Any], fake: Fa
     )
     assert fake.runs == []
     assert c.post("/run_py", json={"code": "print('curl')"}).status_code == 200  # shell only
+
+
+def test_parallel_runs_cannot_pass_runs_per_day_together(
+    serve: Callable[..., Any], fake: FakeSandbox, make_token: Callable[..., str]
+) -> None:
+    """Runs of one workspace admitted at once each count against the quota from the start:
+    six runs started together against a quota of four, all still running, leave two refused."""
+    import threading
+
+    from nox_api.engine.fake import _default_handler
+
+    c, _ = serve(QUOTA_POLICY)
+    big = _auth(make_token(Role.RUNNER, "big"))
+    release = threading.Event()
+    running = threading.Semaphore(0)
+
+    def slow(spec: Any) -> Any:
+        running.release()
+        assert release.wait(10)
+        return _default_handler(spec)
+
+    fake.handler = slow
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        code = c.post("/run_sh", json={"cmd": "echo 1"}, headers=big).status_code
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for _ in range(4):  # four runs are inside the sandbox together ...
+        assert running.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    while len(codes) < 2:  # ... and the other two were refused meanwhile
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert codes == [429, 429]
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(codes) == [200] * 4 + [429] * 2
+
+
+def test_a_run_the_sandbox_could_not_start_does_not_count(
+    serve: Callable[..., Any], fake: FakeSandbox, make_token: Callable[..., str]
+) -> None:
+    c, _ = serve(QUOTA_POLICY)
+    default = _auth(make_token(Role.RUNNER))
+    fake.unavailable = "no sandbox today"
+    for _ in range(3):
+        _error(c.post("/run_py", json={"code": "1"}, headers=default), 503, "sandbox_unavailable")
+    fake.unavailable = None
+    assert [
+        c.post("/run_py", json={"code": "1"}, headers=default).status_code for _ in range(3)
+    ] == [200, 200, 429]

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from nox_api.engine.base import Limits, RunSpec, Sandbox, SandboxUnavailable
+from nox_api.engine.base import Limits, Result, RunSpec, Sandbox, SandboxUnavailable
 from nox_api.errors import (
     Forbidden,
     InvalidRequest,
@@ -124,11 +124,6 @@ class ExecutionService:
                     "run", caller, outcome="denied", reason="shell deny-list", **audit
                 )
                 raise Forbidden(f"the policy refuses this command (it matches {pattern!r})")
-        try:
-            self._quotas.check_run(principal.workspace)
-        except QuotaExceeded:
-            self._auditor.record("run", caller, outcome="denied", reason="quota", **audit)
-            raise
         workspace = self._workspaces.path(principal.workspace)
         spec = RunSpec(
             kind=kind.value,
@@ -139,13 +134,7 @@ class ExecutionService:
             env=body.env or {},
         )
         started = datetime.now(UTC)
-        try:
-            result = self._sandbox.run(spec)
-        except SandboxUnavailable as exc:
-            self._auditor.record(
-                "run", caller, outcome="error", reason="sandbox unavailable", **audit
-            )
-            raise SandboxUnavailableError(str(exc)) from None
+        result = self._run_admitted(spec, caller, principal.workspace, audit)
 
         execution = Execution(
             id=secrets.token_hex(8),
@@ -162,19 +151,8 @@ class ExecutionService:
             workspace=principal.workspace,
             actor=principal.name,
             request_id=caller.request_id,
-            limits=EffectiveLimits(
-                timeout_s=limits.timeout_s,
-                cpu_s=limits.cpu_s,
-                memory_mib=limits.memory_mib,
-                processes=limits.processes,
-                file_size_mib=limits.file_size_mib,
-                open_files=limits.open_files,
-                tmp_size_mib=limits.tmp_size_mib,
-                output_bytes=limits.output_bytes,
-            ),
+            limits=_effective(limits),
         )
-        self._quotas.count_run(principal.workspace, execution.cpu_ms)
-
         ticket = self._unsaved.add()
 
         def keep() -> None:
@@ -193,6 +171,30 @@ class ExecutionService:
         else:
             keep()
         return execution
+
+    def _run_admitted(
+        self, spec: RunSpec, caller: Caller, workspace: str, audit: dict[str, Any]
+    ) -> Result:
+        """Admit the run against the workspace's quota, run it, and count it (or not, when
+        the sandbox could not run it)."""
+        try:
+            self._quotas.reserve_run(workspace)
+        except QuotaExceeded:
+            self._auditor.record("run", caller, outcome="denied", reason="quota", **audit)
+            raise
+        try:
+            result = self._sandbox.run(spec)
+        except SandboxUnavailable as exc:
+            self._quotas.release_run(workspace)
+            self._auditor.record(
+                "run", caller, outcome="error", reason="sandbox unavailable", **audit
+            )
+            raise SandboxUnavailableError(str(exc)) from None
+        except BaseException:
+            self._quotas.release_run(workspace)
+            raise
+        self._quotas.count_run(workspace, result.cpu_ms)
+        return result
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what answered runs left to write, then stop the writer."""
@@ -242,6 +244,19 @@ class ExecutionService:
         with self._db.session() as session:
             session.add(row)
             self._quotas.record_run(session, principal.workspace, execution.cpu_ms)
+
+
+def _effective(limits: Limits) -> EffectiveLimits:
+    return EffectiveLimits(
+        timeout_s=limits.timeout_s,
+        cpu_s=limits.cpu_s,
+        memory_mib=limits.memory_mib,
+        processes=limits.processes,
+        file_size_mib=limits.file_size_mib,
+        open_files=limits.open_files,
+        tmp_size_mib=limits.tmp_size_mib,
+        output_bytes=limits.output_bytes,
+    )
 
 
 class _Writer:

@@ -84,6 +84,10 @@ class QuotaService:
         self._fresh_s = fresh_s
         self._cache: dict[tuple[str, str], tuple[Usage, float]] = {}
         self._cache_lock = threading.Lock()
+        # Runs admitted and not answered yet, per workspace: parallel runs of one workspace
+        # each see the others, so together they cannot pass runs_per_day.
+        self._running: dict[str, int] = {}
+        self._admit_lock = threading.Lock()
 
     def _recent_usage(self, workspace: str) -> Usage:
         key = (workspace, utc_day())
@@ -123,23 +127,41 @@ class QuotaService:
             row = conn.execute(_USAGE, {"ws": workspace, "day": day or utc_day()}).first()
         return Usage() if row is None else Usage(int(row[0]), float(row[1]), int(row[2]))
 
-    def check_run(self, workspace: str) -> None:
-        """Raise :class:`QuotaExceeded` when the workspace has no run or CPU time left today."""
+    def reserve_run(self, workspace: str) -> None:
+        """Admit one run of ``workspace`` or raise :class:`QuotaExceeded` when it has no run or
+        CPU time left today. An admitted run counts against runs_per_day at once; end it with
+        :meth:`count_run` (answered) or :meth:`release_run` (it never ran)."""
         quota = self.quota(workspace)
-        used = self._recent_usage(workspace)
-        if used.runs >= quota.runs_per_day:
-            raise QuotaExceeded(
-                f"workspace {workspace!r} has used {used.runs} of its {quota.runs_per_day} runs "
-                f"today; 0 left, {_until_midnight()}",
-                headers=_retry(),
-            )
-        cpu_quota_ms = quota.cpu_seconds_per_day * 1000.0
-        if used.cpu_ms >= cpu_quota_ms:
-            raise QuotaExceeded(
-                f"workspace {workspace!r} has used {used.cpu_ms / 1000:.1f} of its "
-                f"{quota.cpu_seconds_per_day} CPU seconds today; 0 left, {_until_midnight()}",
-                headers=_retry(),
-            )
+        with self._admit_lock:
+            used = self._recent_usage(workspace)
+            running = self._running.get(workspace, 0)
+            if used.runs + running >= quota.runs_per_day:
+                more = f" ({running} of them still running)" if running else ""
+                raise QuotaExceeded(
+                    f"workspace {workspace!r} has used {used.runs + running} of its "
+                    f"{quota.runs_per_day} runs today{more}; 0 left, {_until_midnight()}",
+                    headers=_retry(),
+                )
+            cpu_quota_ms = quota.cpu_seconds_per_day * 1000.0
+            if used.cpu_ms >= cpu_quota_ms:
+                raise QuotaExceeded(
+                    f"workspace {workspace!r} has used {used.cpu_ms / 1000:.1f} of its "
+                    f"{quota.cpu_seconds_per_day} CPU seconds today; 0 left, {_until_midnight()}",
+                    headers=_retry(),
+                )
+            self._running[workspace] = running + 1
+
+    def release_run(self, workspace: str) -> None:
+        """An admitted run that did not run (the sandbox failed): it does not count."""
+        with self._admit_lock:
+            self._end_running(workspace)
+
+    def _end_running(self, workspace: str) -> None:
+        left = self._running.get(workspace, 0) - 1
+        if left > 0:
+            self._running[workspace] = left
+        else:
+            self._running.pop(workspace, None)
 
     def upload_room(self, workspace: str, root: Path) -> UploadRoom:
         """Bytes an upload into ``workspace`` may still bring; raises when nothing is left."""
@@ -177,9 +199,11 @@ class QuotaService:
         )
 
     def count_run(self, workspace: str, cpu_ms: float | None) -> None:
-        """Count a finished run in this server's cached counters at once; its row in the
-        database follows with :meth:`record_run`."""
-        self._count_locally(workspace, 1, cpu_ms or 0.0, 0)
+        """Count an admitted run, now finished, in this server's cached counters at once; its
+        row in the database follows with :meth:`record_run`."""
+        with self._admit_lock:
+            self._count_locally(workspace, 1, cpu_ms or 0.0, 0)
+            self._end_running(workspace)
 
     def record_run(self, session: Session, workspace: str, cpu_ms: float | None) -> None:
         self._add(session, workspace, runs=1, cpu_ms=cpu_ms or 0.0, upload_bytes=0)
