@@ -863,7 +863,7 @@ def render_markdown(r: Report) -> str:
         f"- Python: server {m['python_server']}; sandbox {m['python_sandbox']}",
         f"- bubblewrap: {m['bwrap']}; Nox at `{m['nox_commit']}`",
         "- Servers: `nox-api serve` on 127.0.0.1, fresh data folder each, default settings "
-        "except `NOX_POOL_SIZE=4` (warm) or `0` (cold)",
+        "except `NOX_POOL_SIZE=4` (warm) or `0` (cold; the default 2 stems stay on)",
         "",
         "### Latency, end to end over HTTP (ms)",
         "",
