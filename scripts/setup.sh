@@ -18,6 +18,9 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
 # The test suite also needs a Redis server to start on loopback (rate limits shared by servers).
 if [ "${NOX_SETUP_FOR:-run}" = test ]; then
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # tests/test_postgres.py starts a throw-away PostgreSQL server of its own on loopback.
+    compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || command -v pg_ctl >/dev/null 2>&1 \
+        || missing+=(postgresql)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -144,7 +144,8 @@ class HistoryService:
         another workspace is "not found", exactly like a run that does not exist."""
         self._settle()
         with self._db.session() as session:
-            row = session.get(ExecutionRow, execution_id[:64])
+            # No id holds a NUL, which PostgreSQL refuses even as a query's parameter.
+            row = None if "\x00" in execution_id else session.get(ExecutionRow, execution_id[:64])
             if row is None or (workspace is not None and row.workspace != workspace):
                 raise NotFound(f"no run {execution_id[:64]!r} in the history")
             return ExecutionDetail(

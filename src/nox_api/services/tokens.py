@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import Session
 
 from nox_api.errors import InvalidRequest, NotFound
 from nox_api.storage.db import Database
@@ -110,6 +111,11 @@ _BY_HASH = select(
 ).where(TokenRow.token_hash == bindparam("digest"))  # fmt: skip
 
 
+def _by_id(session: Session, token_id: str) -> TokenRow | None:
+    # No id holds a NUL, which PostgreSQL refuses even as a query's parameter.
+    return None if "\x00" in token_id else session.get(TokenRow, token_id)
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -164,13 +170,13 @@ class TokenService:
 
     def get(self, token_id: str) -> TokenInfo | None:
         with self._db.session() as session:
-            row = session.get(TokenRow, token_id)
+            row = _by_id(session, token_id)
             return None if row is None else _info(row)
 
     def revoke(self, token_id: str) -> TokenInfo:
         """Revoke a token: it stops working at the next request. Revoking twice is fine."""
         with self._db.session() as session:
-            row = session.get(TokenRow, token_id)
+            row = _by_id(session, token_id)
             if row is None:
                 raise NotFound(f"no token with id {token_id[:40]!r}")
             if row.revoked_at is None:

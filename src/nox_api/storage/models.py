@@ -25,6 +25,7 @@ __all__ = [
     "AuditCheckpointRow",
     "Base",
     "ExecutionRow",
+    "OutputText",
     "TokenRow",
     "UTCDateTime",
     "UsageRow",
@@ -52,6 +53,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if not isinstance(value, datetime):
             raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class OutputText(TypeDecorator[str]):
+    """A run's output. PostgreSQL's ``text`` cannot hold NUL characters (SQLite's can): there
+    each is stored as U+FFFD, the character that undecodable output bytes already become."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
 
 
 class Base(DeclarativeBase):
@@ -86,8 +100,8 @@ class ExecutionRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    stdout: Mapped[str] = mapped_column(Text, default="")
-    stderr: Mapped[str] = mapped_column(Text, default="")
+    stdout: Mapped[str] = mapped_column(OutputText(), default="")
+    stderr: Mapped[str] = mapped_column(OutputText(), default="")
     stdout_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     stderr_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     duration_ms: Mapped[float] = mapped_column(Float)
