@@ -99,10 +99,12 @@ def _drive(base_url: str, token: str, switch: Callable[[bool], None], requests: 
             switch(enabled)
             block(BLOCK // 2)
         done = 0
+        order = ((True, on), (False, off))
         while done < requests:
-            for enabled, into in ((True, on), (False, off)):
+            for enabled, into in order:  # on first, then off first: no order bias
                 switch(enabled)
                 into.extend(block(BLOCK))
+            order = order[::-1]
             done += BLOCK
     finally:
         switch(True)

@@ -96,17 +96,28 @@ class Security:
     audit_lines: int
     verify_lines_per_s: float
     append_p50_us: float
+    obs_on_p50_ms: float  # /run_py with metrics and the access log ...
+    obs_off_p50_ms: float  # ... and without (bench/observability.py)
+    scrape_p50_ms: float  # GET /metrics with 10,000 history rows and 50 workspaces
+    scrape_p95_ms: float
 
     @property
     def overhead_ms(self) -> float:
         return self.on_p50_ms - self.off_p50_ms
 
+    @property
+    def obs_cost_ms(self) -> float:
+        return self.obs_on_p50_ms - self.obs_off_p50_ms
+
 
 def measure_security(plan: Plan) -> Security:
     import audit_verify
+    import observability
     import overhead
 
     on, off = overhead.measure(plan.overhead_requests)
+    obs_on, obs_off = observability.measure_cost(plan.overhead_requests)
+    scrape_p50, scrape_p95, _size = observability.measure_scrape(plan.listing_calls * 6)
     return Security(
         on_p50_ms=on,
         off_p50_ms=off,
@@ -114,6 +125,10 @@ def measure_security(plan: Plan) -> Security:
         audit_lines=plan.audit_lines,
         verify_lines_per_s=audit_verify.measure(plan.audit_lines),
         append_p50_us=audit_verify.measure_append(1000),
+        obs_on_p50_ms=obs_on,
+        obs_off_p50_ms=obs_off,
+        scrape_p50_ms=scrape_p50,
+        scrape_p95_ms=scrape_p95,
     )
 
 
@@ -747,6 +762,18 @@ def evaluate(  # noqa: PLR0917 - one argument per part of the run
             sec.overhead_ms <= 1.0,
         ),
         Target(
+            "metrics and access log add <= 0.3 ms p50 to /run_py",
+            f"{sec.obs_cost_ms:+.3f} ms ({sec.obs_on_p50_ms:.3f} on, {sec.obs_off_p50_ms:.3f} off)",
+            "<= 0.3 ms",
+            sec.obs_cost_ms <= 0.3,
+        ),
+        Target(
+            "GET /metrics p50 < 20 ms with 10,000 history rows and 50 workspaces",
+            f"{sec.scrape_p50_ms:.2f} ms (p95 {sec.scrape_p95_ms:.2f} ms)",
+            "< 20 ms",
+            sec.scrape_p50_ms < 20,
+        ),
+        Target(
             "audit verify reads >= 100,000 lines/s",
             f"{sec.verify_lines_per_s:,.0f} lines/s over {sec.audit_lines:,} lines",
             ">= 100,000 lines/s",
@@ -937,6 +964,21 @@ def render_markdown(r: Report) -> str:
         f"| audit verify | {sec.verify_lines_per_s:,.0f} lines/s ({sec.audit_lines:,} lines) |",
         f"| audit append with fsync, p50 | {sec.append_p50_us:.0f} µs |",
         "",
+        "### Observability cost",
+        "",
+        "`bench/observability.py`: the same kind of server answers `/run_py` with metrics and the "
+        "access log on, then with the run and audit observers emptied and the metrics middleware "
+        "(which writes the access line) a pass-through, in alternating blocks of 100 (each order "
+        "in turn). `/metrics` is scraped from loopback with 10,000 history rows and 50 "
+        "workspaces' storage rows in the database.",
+        "",
+        "| measure | value |",
+        "|---|--:|",
+        f"| `/run_py` p50, metrics and access log on | {sec.obs_on_p50_ms:.3f} ms |",
+        f"| `/run_py` p50, off | {sec.obs_off_p50_ms:.3f} ms |",
+        f"| cost | {sec.obs_cost_ms:+.3f} ms |",
+        f"| `GET /metrics` p50 / p95 | {sec.scrape_p50_ms:.2f} / {sec.scrape_p95_ms:.2f} ms |",
+        "",
         "### Files and backups",
         "",
         f"`bench/files.py`: {ops.listing_files:,} small files in 10 folders, "
@@ -1029,10 +1071,11 @@ def run(
     print("big-output server (policy output_hard_bytes 2 GiB)", file=sys.stderr)
     with Server("big", big_env) as big_server:
         big = measure_big_print(big_server, plan)
-    print("multi-user cost and audit verify", file=sys.stderr)
+    print("multi-user cost, audit verify, observability cost", file=sys.stderr)
     security = measure_security(plan)
     print(f"  overhead {security.overhead_ms:.3f} ms, verify "
-          f"{security.verify_lines_per_s:,.0f} lines/s", file=sys.stderr)  # fmt: skip
+          f"{security.verify_lines_per_s:,.0f} lines/s, observability {security.obs_cost_ms:+.3f} "
+          f"ms, /metrics p50 {security.scrape_p50_ms:.2f} ms", file=sys.stderr)  # fmt: skip
     print("files and backups", file=sys.stderr)
     operations = measure_operations(plan)
     return cells, bare, rss, big, security, operations

@@ -15,9 +15,13 @@ command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
-# The test suite also needs a Redis server to start on loopback (rate limits shared by servers).
+# The test suite also needs servers it starts itself on loopback: Redis (rate limits shared by
+# servers) and PostgreSQL (NOX_DATABASE_URL), and the Prometheus tools that check observability/.
 if [ "${NOX_SETUP_FOR:-run}" = test ]; then
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # promtool and amtool check the monitoring files of observability/.
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
     # tests/test_postgres.py starts a throw-away PostgreSQL server of its own on loopback.
     compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || command -v pg_ctl >/dev/null 2>&1 \
         || missing+=(postgresql)

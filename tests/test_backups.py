@@ -171,6 +171,7 @@ def test_backup_then_loss_then_restore_brings_everything_back(
     for code in ("print(1)", "print(2)", "exit 3"):
         assert client.post("/run_py", json={"code": code}, headers=runner).status_code == 200
     files_before = _tree(settings.workspaces_dir)
+    nox.executions.settle()  # the runs' rows are written just after their answers
     runs_before = _rows(settings)["executions"]
     assert len(runs_before) == 3
     tokens_before = len(_rows(settings)["tokens"])

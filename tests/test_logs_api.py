@@ -34,13 +34,18 @@ from nox_api.observability.stream import LogHub
 from nox_api.services.tokens import TOKEN_PREFIX
 from nox_api.state import Nox
 
-FIELDS = {"time", "level", "logger", "message"}
+FIELDS = {"time", "level", "logger", "event"}
+ACCESS_FIELDS = {"method", "route", "status", "duration_ms", "actor_id"}  # nox.http lines
 test_log = logging.getLogger("nox.test")
 
 
 def _nox(app: Any) -> Nox:
     nox: Nox = app.state.nox
     return nox
+
+
+def _not_access(lines: list[str]) -> list[str]:
+    return [line for line in lines if json.loads(line)["logger"] != "nox.http"]
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -68,17 +73,17 @@ def test_the_log_file_is_json_lines(data_dir: Path, settings: Settings, admin_to
     assert stat.S_IMODE(settings.logs_dir.stat().st_mode) == 0o700
     records = _records(path)
     for record in records:
-        assert FIELDS <= set(record) <= FIELDS | {"request_id", "exc_info"}
+        assert FIELDS <= set(record) <= FIELDS | {"request_id", "exc_info"} | ACCESS_FIELDS
         assert record["time"].endswith("Z")
     cleaned = [r for r in records if r["logger"] == "nox.clean"]
     assert len(cleaned) == 1
     assert cleaned[0]["level"] == "INFO"
     assert cleaned[0]["request_id"] == clean.headers["X-Request-ID"]
-    assert cleaned[0]["message"].startswith("sandbox clean (dry run): would remove")
+    assert cleaned[0]["event"].startswith("sandbox clean (dry run): would remove")
     crashed = [r for r in records if "exc_info" in r]
     assert len(crashed) == 1
     assert crashed[0]["level"] == "ERROR"
-    assert crashed[0]["message"] == "unhandled error"
+    assert crashed[0]["event"] == "unhandled error"
     assert "Traceback" in crashed[0]["exc_info"]
     assert "RuntimeError: boom for the log" in crashed[0]["exc_info"]
 
@@ -103,7 +108,7 @@ def test_secrets_never_reach_the_log(data_dir: Path, admin_token: str) -> None:
     for secret in (admin_token, admin_token[len(TOKEN_PREFIX) :], env_token, stray, "abc.d"):
         assert secret not in text
     careless = [r for r in _records(settings.logs_dir / "nox.log") if r["logger"] == "nox.test"]
-    assert careless[0]["message"] == (
+    assert careless[0]["event"] == (
         "a careless line: nox_[REDACTED] / [REDACTED] / Bearer [REDACTED]"
     )
     assert "an error naming nox_[REDACTED]" in careless[1]["exc_info"]
@@ -124,12 +129,10 @@ def test_the_file_rotates_at_its_size(data_dir: Path, admin_token: str) -> None:
     for name in ("nox.log.2", "nox.log.1", "nox.log"):
         path = folder / name
         assert path.stat().st_size <= 4096
-        numbers += [
-            int(r["message"].split()[1]) for r in _records(path) if r["logger"] == "nox.test"
-        ]
+        numbers += [int(r["event"].split()[1]) for r in _records(path) if r["logger"] == "nox.test"]
     assert numbers == list(range(numbers[0], 200))  # the newest lines, none lost or reordered
     assert numbers[0] > 100  # the older ones rotated away
-    assert [json.loads(line)["message"].split()[1] for line in tail] == [
+    assert [json.loads(line)["event"].split()[1] for line in tail] == [
         f"{n:04d}" for n in range(150, 200)
     ]  # the tail continues into the rotated files
 
@@ -137,14 +140,18 @@ def test_the_file_rotates_at_its_size(data_dir: Path, admin_token: str) -> None:
 def test_tail_returns_the_last_lines_in_order(client: TestClient, settings: Settings) -> None:
     for n in range(300):
         test_log.info("tail %d", n)
+    _nox(client.app).logs.flush()  # lines are written by the log's own thread
     path = settings.logs_dir / "nox.log"
     expected = path.read_text().splitlines()
     lines = client.get("/api/logs", params={"tail": 100}).json()["lines"]
     assert lines == expected[-100:]
-    assert json.loads(lines[-1])["message"] == "tail 299"
-    assert client.get("/api/logs").json()["lines"] == expected[-100:]  # default 100
+    assert json.loads(lines[-1])["event"] == "tail 299"
+    default = client.get("/api/logs").json()["lines"]  # 100, the first call's access line too
+    assert len(default) == 100
+    assert _not_access(default) == expected[-99:]
+    assert json.loads(default[-1])["route"] == "/api/logs"
     everything = client.get("/api/logs", params={"tail": 10_000}).json()["lines"]
-    assert everything == path.read_text().splitlines()
+    assert _not_access(everything) == _not_access(path.read_text().splitlines())
     for bad in (0, -1, 10_001, "x"):
         resp = client.get("/api/logs", params={"tail": bad})
         assert resp.status_code == 422
@@ -184,7 +191,8 @@ def test_two_apps_do_not_stack_handlers(settings: Settings, admin_token: str) ->
     level = loggers[0].level
     for _ in range(2):
         with TestClient(create_app(settings, sandbox=FakeSandbox())):
-            assert [len(lg.handlers) for lg in loggers] == [len(b) + 2 for b in baseline]
+            # one hand-off to the log's writer thread (which feeds the file and the stream)
+            assert [len(lg.handlers) for lg in loggers] == [len(b) + 1 for b in baseline]
             assert loggers[0].getEffectiveLevel() <= logging.INFO
         assert [list(lg.handlers) for lg in loggers] == baseline
         assert loggers[0].level == level
@@ -221,10 +229,10 @@ def test_a_slow_subscriber_costs_a_bounded_queue_and_hears_of_the_drops() -> Non
     assert connected == b": connected\n\n"
     events = flood.decode().split("\n\n")[:-1]
     data = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: ")]
-    assert [d["message"] for d in data] == [f"m{n}" for n in range(10)]  # the queue's worth
+    assert [d["event"] for d in data] == [f"m{n}" for n in range(10)]  # the queue's worth
     assert events[-1] == 'event: dropped\ndata: {"dropped": 4990}'
     later = [json.loads(e.removeprefix("data: ")) for e in after.decode().split("\n\n")[:-1]]
-    assert [d["message"] for d in later] == ["m0", "m1", "m2"]  # no drops once it keeps up
+    assert [d["event"] for d in later] == ["m0", "m1", "m2"]  # no drops once it keeps up
 
 
 @contextmanager
@@ -288,6 +296,9 @@ def test_the_stream_over_a_real_server(settings: Settings, admin_token: str) -> 
             assert record["logger"] == "nox.clean"
             assert record["request_id"] == request_id
             assert next(lines) == ""  # the event's end
+            access = next(lines)  # the clean's own access line follows its answer
+            assert json.loads(access.removeprefix("data: "))["route"] == "/api/sandbox/clean"
+            assert next(lines) == ""
             keepalive = [next(lines) for _ in range(2)]  # nothing logs meanwhile
             assert keepalive == [": keep-alive", ""]
         # the client went away: its subscription and its task are given back
@@ -351,7 +362,7 @@ def test_serve_logs_to_stderr_and_the_file_and_ends_streams_on_sigterm(data_dir:
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "WARNING nox: NOX_SANDBOX_BACKEND=unsafe" in out  # plain text on stderr, as before
     records = _records(data_dir / "logs" / "nox.log")
-    messages = [(r["logger"], r["message"]) for r in records]
+    messages = [(r["logger"], r["event"]) for r in records]
     assert ("uvicorn.error", "Application startup complete.") in messages
     assert any(logger == "nox" and "WITHOUT ANY ISOLATION" in m for logger, m in messages)
     assert token not in (data_dir / "logs" / "nox.log").read_text()

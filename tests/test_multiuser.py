@@ -109,6 +109,8 @@ def _history_id(nox: Nox) -> str:
 # (method, path) -> (least role allowed, None: public; status when allowed; the request)
 ROUTES: dict[tuple[str, str], tuple[Role | None, int, Callable[[Nox], dict[str, Any]]]] = {
     ("GET", "/health"): (None, 200, lambda nox: {"url": "/health"}),
+    # its own rule: loopback (the test client counts as loopback) or the scrape token
+    ("GET", "/metrics"): (None, 200, lambda nox: {"url": "/metrics"}),
     ("POST", "/put"): (
         Role.RUNNER,
         201,
@@ -247,7 +249,7 @@ def test_every_api_route_declares_one_permission_or_is_public(client: TestClient
     ]
     assert undeclared == []
     public = {route.path for route in _app_api_routes(client) if not _permissions(route)}
-    assert public == {"/health"}
+    assert public == {"/health", "/metrics"}
     assert public <= PUBLIC_ROUTES
 
 

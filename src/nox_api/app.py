@@ -15,7 +15,19 @@ from nox_api.config import Settings, load_settings
 from nox_api.engine.base import Sandbox
 from nox_api.http_errors import install_error_handlers
 from nox_api.middleware import BodyLimitMiddleware
-from nox_api.routes import admin, backups, files, health, history, operations, put, run, system
+from nox_api.observability.metrics import Metrics, MetricsMiddleware
+from nox_api.routes import (
+    admin,
+    backups,
+    files,
+    health,
+    history,
+    metrics,
+    operations,
+    put,
+    run,
+    system,
+)
 from nox_api.state import Nox
 
 __all__ = ["create_app"]
@@ -27,6 +39,11 @@ _STREAMED = (("POST", "/put"), ("PUT", "/api/files/"))
 
 def _sane_request_id(value: str) -> bool:
     return bool(_REQUEST_ID_RE.match(value))
+
+
+def _metrics_of(app: FastAPI) -> Metrics | None:
+    nox = getattr(app.state, "nox", None)
+    return None if nox is None else nox.metrics
 
 
 def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None) -> FastAPI:
@@ -58,11 +75,13 @@ def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None)
     app.include_router(history.router)
     app.include_router(system.router)
     app.include_router(operations.router)
+    app.include_router(metrics.router)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=lambda: app.state.nox.request_body_limit(),  # noqa: PLW0108 - nox comes later
         exempt=_STREAMED,
     )
+    app.add_middleware(MetricsMiddleware, metrics=lambda: _metrics_of(app))
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",

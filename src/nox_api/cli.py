@@ -61,6 +61,19 @@ def _fail(exc: NoxError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _log_to_stderr() -> None:
+    """Coloured, aligned lines on a terminal (structlog's console renderer); plain text lines
+    otherwise (a service manager's journal). The JSON file log is set up by the server."""
+    from nox_api.observability.logging import console_formatter
+
+    handler = logging.StreamHandler()
+    if sys.stderr.isatty():
+        handler.setFormatter(console_formatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def _raise_open_files_limit() -> None:
     """Let the server use as many open files as its hard limit allows: a recursive listing or
     search holds a descriptor per folder level (up to 256) and a default soft limit of 1024
@@ -87,9 +100,7 @@ def serve(
 
     settings = _settings(host=host, port=port)
     _raise_open_files_limit()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr()
     try:
         load_policy(settings.policy_path)  # a bad policy file stops start-up here, exit 2
         refuse_interrupted_restore(settings.data_path)  # so does a restore cut off mid-swap

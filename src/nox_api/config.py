@@ -11,10 +11,11 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from nox_api.engine.base import MIB
 from nox_api.errors import ConfigError
@@ -142,10 +143,49 @@ class Settings(BaseSettings):
         description="Free space in the data folder below which /api/health/detailed says "
         "degraded (below a tenth of it: fail), MiB.",
     )
+    alert_webhooks: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated http(s) URLs that receive a JSON event (POST) when the "
+        "detailed health turns fail or recovers, or the audit chain breaks; default: none.",
+    )
+    alert_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between two evaluations of the detailed health by the alert "
+        "monitor (runs only when NOX_ALERT_WEBHOOKS is set).",
+    )
+    alert_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one webhook delivery attempt, seconds."
+    )
+    alert_retries: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="Retries of a webhook delivery that failed to connect, timed out or got "
+        "5xx, 408 or 429 (backoff 1 s, 2 s, 4 s ... at most 60 s).",
+    )
     log_max_bytes: int = Field(
         10 * MIB, ge=4096, description="Size of the server log file before it is rotated, bytes."
     )
     log_backups: int = Field(5, ge=1, le=100, description="Rotated server log files kept.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token Prometheus sends to scrape /metrics from another address "
+        "(16+ characters); without it only loopback clients may scrape.",
+        min_length=16,
+    )
+    metrics_loopback: bool = Field(
+        True,
+        description="Let clients on 127.0.0.1/::1 scrape /metrics without a token (set false "
+        "when a proxy on the same machine forwards outside requests).",
+    )
+    metrics_max_workspaces: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="Workspaces with their own nox_workspace_storage_bytes series (the biggest; "
+        "the rest summed as _other).",
+    )
     backup_key: SecretStr | None = Field(
         None,
         description="Backup encryption key: 64 hex characters (AES-256). Either this or "
@@ -164,6 +204,31 @@ class Settings(BaseSettings):
         if path is None or not os.access(path, os.X_OK):
             raise ValueError(f"{value!r} is not an executable interpreter")
         return os.path.abspath(path)
+
+    @field_validator("alert_webhooks", mode="before")
+    @classmethod
+    def _split_webhooks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _webhooks_are_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for number, url in enumerate(value, start=1):
+            parts = urlsplit(url)
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            # The URL is never repeated: it may hold a secret.
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"entry {number} is not an http:// or https:// URL with a host")
+            if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+                raise ValueError(f"entry {number} holds a space or a control character")
+            if not port_ok:
+                raise ValueError(f"entry {number} has an invalid port")
+        return value
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -205,8 +270,8 @@ class Settings(BaseSettings):
 
 
 # Values never repeated in an error: tokens, keys, passphrases, and URLs (they may hold a
-# password, e.g. postgresql://nox:secret@db/nox).
-_SECRET_WORDS = ("TOKEN", "KEY", "PASSPHRASE", "PASSWORD", "SECRET", "URL")
+# password, e.g. postgresql://nox:secret@db/nox; webhook URLs often carry theirs in the path).
+_SECRET_WORDS = ("TOKEN", "KEY", "PASSPHRASE", "PASSWORD", "SECRET", "URL", "WEBHOOK")
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -35,7 +35,10 @@ __all__ = [
     "target_workspace",
 ]
 
-PUBLIC_ROUTES = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# /metrics has its own access rule (loopback or the scrape token; see routes/metrics.py).
+PUBLIC_ROUTES = frozenset(
+    {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 
 
 class Permission(StrEnum):

@@ -58,6 +58,10 @@ async def _nox_error(request: Request, exc: Exception) -> JSONResponse:
     exc = cast(NoxError, exc)
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
+    nox = getattr(request.app.state, "nox", None)
+    if nox is not None:
+        principal = getattr(request.state, "principal", None)
+        nox.metrics.refused(exc.code, principal.role.value if principal is not None else None)
     return error_response(
         exc.status, exc.code, exc.message, {**_rate_headers(request), **exc.headers}
     )

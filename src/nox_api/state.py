@@ -12,6 +12,8 @@ from nox_api.engine.base import Limits, Sandbox, SandboxUnavailable, Unavailable
 from nox_api.engine.process import Launcher
 from nox_api.errors import ConfigError
 from nox_api.observability.logging import ServerLog
+from nox_api.observability.metrics import Metrics
+from nox_api.services.alerts import AlertHook, AlertMonitor
 from nox_api.services.auditing import Auditor, Caller, open_audit_log
 from nox_api.services.backups import BackupService, refuse_interrupted_restore
 from nox_api.services.cleaning import Cleaner
@@ -60,6 +62,9 @@ class Nox:
     stats: StatsService
     system: SystemMonitor
     started: float = field(default_factory=time.time)
+    alerts: AlertHook | None = None  # with NOX_ALERT_WEBHOOKS only, as is the monitor
+    alert_monitor: AlertMonitor | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def start(cls, settings: Settings, sandbox: Sandbox | None = None) -> Nox:
@@ -72,7 +77,9 @@ class Nox:
             raise
 
     @classmethod
-    def _start(cls, settings: Settings, sandbox: Sandbox | None, logs: ServerLog) -> Nox:
+    def _start(  # noqa: PLR0915 - one step per part, in start-up order
+        cls, settings: Settings, sandbox: Sandbox | None, logs: ServerLog
+    ) -> Nox:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         server_lock = ServerLock.shared(data)  # no offline restore while this server runs
@@ -124,7 +131,9 @@ class Nox:
         stats = StatsService(db, scanner, settle=executions.settle, sandbox_info=sandbox.info)
         system = SystemMonitor(data)
         limiter = RateLimiter(settings.redis_url)
-        health = HealthService(settings, db, sandbox, auditor.log, policy)
+        health = HealthService(
+            settings, db, sandbox, auditor.log, policy, alerts=_alert_hook(settings)
+        )
         cleaner = Cleaner(settings, auditor, changed=scanner.mark_dirty)
         backups = BackupService(
             settings, db, auditor, owner=owner, prepare=sandbox.prepare_workspace,
@@ -152,6 +161,7 @@ class Nox:
             stats=stats,
             system=system,
         )
+        nox._watch_metrics()
         retention.start()
         policy.on_change(nox._policy_changed)
         policy.start_watching()
@@ -162,7 +172,34 @@ class Nox:
         else:
             sandbox.prewarm(workspaces.path(DEFAULT_WORKSPACE))
         stats.start()  # after the default workspace's folder exists: it is scanned too
+        nox._start_alerts(health.alerts)
         return nox
+
+    def _start_alerts(self, alerts: AlertHook | None) -> None:
+        """With NOX_ALERT_WEBHOOKS: the sender, and the monitor that evaluates the health."""
+        if alerts is None:
+            return
+        self.alerts = alerts
+        alerts.start()
+
+        def health() -> object:  # self.health when called: tests may replace it
+            return self.health.report()
+
+        self.alert_monitor = AlertMonitor(health, self.settings.alert_interval_s)
+        self.alert_monitor.start()
+
+    def _watch_metrics(self) -> None:
+        metrics = self.metrics
+        metrics.max_workspaces = self.settings.metrics_max_workspaces
+        metrics.attach(self)
+        self.auditor.observers.append(
+            lambda event: metrics.audit_events.labels(event.action, event.outcome).inc()
+        )
+        self.executions.observers.append(
+            lambda run: metrics.observe_run(
+                run.kind.value, run.status.value, run.duration_ms, run.cpu_ms
+            )
+        )
 
     def _policy_changed(self, old: Policy, new: Policy) -> None:
         """Whatever reloaded it (API, SIGHUP, the file watcher): apply and record it."""
@@ -199,6 +236,8 @@ class Nox:
         return m.code_bytes + m.stdin_bytes + 256 * 1024
 
     def close(self) -> None:
+        if self.alert_monitor is not None:
+            self.alert_monitor.close()  # first: no health report while the parts close
         self.retention.close()
         self.stats.close()
         self.policy.stop_watching()
@@ -207,7 +246,17 @@ class Nox:
         self.auditor.close()
         self.db.close()
         self.backups.close()  # releases server.lock: an offline restore may run from now on
+        if self.alerts is not None:
+            self.alerts.close()  # the queued alerts, at most CLOSE_TIMEOUT_S; failures logged
         self.logs.close()  # last: what closing logs still reaches the file
+
+
+def _alert_hook(settings: Settings) -> AlertHook | None:
+    if not settings.alert_webhooks:
+        return None
+    return AlertHook(
+        settings.alert_webhooks, timeout_s=settings.alert_timeout_s, retries=settings.alert_retries
+    )
 
 
 def build_sandbox(settings: Settings, ceiling: Limits) -> Sandbox:

@@ -11,7 +11,7 @@ then sends ``event: dropped`` with the count. A slow client therefore costs at m
 The event stream::
 
     : connected                      (a comment: the subscription is live from here)
-    data: {"time": ..., "level": ..., "logger": ..., "message": ...}     (one per line)
+    data: {"time": ..., "level": ..., "logger": ..., "event": ...}     (one per line)
     event: dropped
     data: {"dropped": 12}            (lines lost because the client read too slowly)
     : keep-alive                     (a comment after KEEPALIVE_S seconds without lines)

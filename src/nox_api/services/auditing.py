@@ -181,6 +181,7 @@ class Auditor:
 
     def __init__(self, audit_log: AuditLog) -> None:
         self.log = audit_log
+        self.observers: list[Callable[[AuditEvent], None]] = []  # told of each written event
 
     def record(
         self,
@@ -211,6 +212,8 @@ class Auditor:
         except Exception:
             log.exception("could not write the audit event %s", action)
             raise
+        for observe in self.observers:
+            observe(event)
 
     def verify(self) -> VerifyReport:
         return self.log.verify()

@@ -76,6 +76,7 @@ class ExecutionService:
         # one writer thread, in order: not by the request's own background task, which would
         # hold its keep-alive connection (the client's next request) until it finished.
         self._writer = _Writer() if background else None
+        self.observers: list[Callable[[Execution], None]] = []  # told of each finished run
 
     def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
         """The run's limits: the request's where it asked, the policy's defaults elsewhere. A
@@ -153,6 +154,8 @@ class ExecutionService:
             request_id=caller.request_id,
             limits=_effective(limits),
         )
+        for observe in self.observers:
+            observe(execution)
         ticket = self._unsaved.add()
 
         def keep() -> None:

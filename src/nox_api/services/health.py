@@ -14,11 +14,15 @@ its work); the report's status is the worst of them::
     policy    the policy in force; degraded when the last reload of the file was refused
 
 A check that itself raises is ``fail`` with the error (never a 500). Changes of the overall status
-are logged (a warning when it gets worse), so polling leaves a trace only when something changes.
+are logged (a warning when it gets worse), so polling leaves a trace only when something changes;
+with ``NOX_ALERT_WEBHOOKS`` each report also goes to the
+:class:`~nox_api.services.alerts.AlertHook`, which queues an event when the status turns fail or
+back, or the audit check turns fail.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import threading
@@ -30,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nox_api.config import Settings
 from nox_api.engine.base import MIB, Sandbox
+from nox_api.services.alerts import AlertHook
 from nox_api.services.audit import AuditLog
 from nox_api.services.audit_tail import check_audit_tail
 from nox_api.services.policy import PolicyStore
@@ -81,6 +86,7 @@ class HealthService:
         policy: PolicyStore,
         *,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        alerts: AlertHook | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
@@ -92,9 +98,14 @@ class HealthService:
         self._probe: _Probe | None = None
         self._head: str | None = None
         self._last: HealthStatus | None = None
+        self.alerts = alerts
+        self._change_lock = threading.Lock()
+        self._reports = itertools.count(1)  # numbers reports by when they began
+        self._newest = 0  # the number of the newest report whose outcome was taken in
 
     def report(self, *, admin: bool = False) -> HealthReport:
         """Run every check. ``admin`` adds what only admins may read (policy errors)."""
+        number = next(self._reports)
         checks: dict[str, Check] = {}
         steps: dict[str, Callable[[], Check]] = {
             "database": self.database,
@@ -110,7 +121,14 @@ class HealthService:
                 log.exception("the %s health check failed", name)
                 checks[name] = Check(HealthStatus.FAIL, f"the check failed: {_first_line(exc)}")
         status = worst([check.status for check in checks.values()])
-        self._log_change(status, checks)
+        with self._change_lock:
+            # Reports run at once (requests, the alert monitor): one begun before the newest
+            # taken in is older news, and must not flip the status back.
+            if number > self._newest:
+                self._newest = number
+                self._log_change(status, checks)
+                if self.alerts is not None:
+                    self.alerts.observe(status, checks)  # only enqueues: never blocks
         return HealthReport(
             status=status,
             checks=HealthChecks(

@@ -72,6 +72,12 @@ class StatsService:
         """Every workspace may have changed (after a restore): rescan them all."""
         self.scanner.mark_all()
 
+    def storage_by_workspace(self) -> list[tuple[str, int]]:
+        """(workspace, bytes) as the last scans found, for the metrics; no disk walk."""
+        stmt = select(WorkspaceStorageRow.workspace, WorkspaceStorageRow.bytes)
+        with self._db.connection() as conn:
+            return [(str(ws), int(size)) for ws, size in conn.execute(stmt)]
+
     def stats(self, workspace: str | None) -> SystemStats:
         """Statistics of ``workspace``, or of every workspace when None."""
         self._settle()
