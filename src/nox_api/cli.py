@@ -130,9 +130,12 @@ def serve(
             if nox is not None:
                 nox.logs.end_streams()
 
+    # X-Forwarded-For is believed only from the proxies named in NOX_TRUSTED_PROXIES.
+    trusted = list(settings.trusted_proxies)
     config = uvicorn.Config(
-        application, host=settings.host, port=settings.port, log_level="info", proxy_headers=False
-    )
+        application, host=settings.host, port=settings.port, log_level="info",
+        proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None,
+    )  # fmt: skip
     server = Server(config)
     server.run()
     if not server.started:

@@ -7,6 +7,7 @@ page and this class in step. A bad value stops start-up with one line naming the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sys
@@ -143,6 +144,12 @@ class Settings(BaseSettings):
         description="Free space in the data folder below which /api/health/detailed says "
         "degraded (below a tenth of it: fail), MiB.",
     )
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For gives the client address (failed-login limit, audit and access log); "
+        "default: none, the header is ignored.",
+    )
     alert_webhooks: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="Comma-separated http(s) URLs that receive a JSON event (POST) when the "
@@ -205,7 +212,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an executable interpreter")
         return os.path.abspath(path)
 
-    @field_validator("alert_webhooks", mode="before")
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (no '*': name the proxies)"
+                ) from None
+        return value
+
+    @field_validator("alert_webhooks", "trusted_proxies", mode="before")
     @classmethod
     def _split_webhooks(cls, value: object) -> object:
         if isinstance(value, str):
