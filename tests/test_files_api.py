@@ -228,6 +228,25 @@ def test_put_obeys_the_storage_and_daily_upload_quotas(
         assert _temp_files(settings.data_path) == []
 
 
+def test_replacing_a_file_counts_only_what_it_adds_to_storage(
+    data_dir: Path, fake: FakeSandbox
+) -> None:
+    """1 MiB of storage, 600 KiB stored in one file: sending that file again, even a little
+    bigger, fits (the old one is freed when the new one lands); a second file does not."""
+    policy = write_policy(data_dir, QUOTAS)
+    with _app(data_dir, fake, policy_file=policy) as c:
+        assert c.put("/api/files/one", content=b"1" * (600 * KIB)).status_code == 201
+        again = c.put("/api/files/one", content=b"2" * (700 * KIB))
+        assert again.status_code == 201, again.text
+        _error(c.put("/api/files/two", content=b"3" * (600 * KIB)), 507, "storage_quota_exceeded")
+        # a link where the file was is not a file: it frees nothing
+        ws = c.app.state.nox.workspaces.path("default")  # type: ignore[attr-defined]
+        (ws / "big-link").symlink_to(ws / "one")
+        _error(
+            c.put("/api/files/big-link", content=b"4" * (600 * KIB)), 507, "storage_quota_exceeded"
+        )
+
+
 # --- GET /api/files (list) ---------------------------------------------------------------------
 
 

@@ -169,7 +169,11 @@ async def write_file(
     if size is not None and size > server_limit:
         raise PayloadTooLarge(f"the file is larger than this server's {server_limit} bytes")
     room = await run_in_threadpool(
-        lambda: nox.quotas.upload_room(target_ws, nox.workspaces.path(target_ws))
+        lambda: nox.quotas.upload_room(
+            target_ws,
+            nox.workspaces.path(target_ws),
+            replaced=nox.files.replaced_bytes(target_ws, path),
+        )
     )
     limit = min(server_limit, room.bytes)
     if size is not None and size > limit:

@@ -163,10 +163,11 @@ class QuotaService:
         else:
             self._running.pop(workspace, None)
 
-    def upload_room(self, workspace: str, root: Path) -> UploadRoom:
-        """Bytes an upload into ``workspace`` may still bring; raises when nothing is left."""
+    def upload_room(self, workspace: str, root: Path, replaced: int = 0) -> UploadRoom:
+        """Bytes an upload into ``workspace`` may still bring; raises when nothing is left.
+        ``replaced``: bytes of the file the upload replaces, freed when it lands."""
         quota = self.quota(workspace)
-        stored = directory_bytes(root)
+        stored = directory_bytes(root) - replaced
         uploaded = self.usage(workspace).upload_bytes
         room = UploadRoom(
             storage_left=quota.storage_mib * MIB - stored,

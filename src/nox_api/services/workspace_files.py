@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound
+from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound, NoxError
 from nox_api.services.file_search import SearchBudget, search_tree
 from nox_api.services.files import (
     CappedWriter,
@@ -123,6 +123,23 @@ class WorkspaceFiles:
         return OpenFile(fd, path, parts[-1], st.st_size, modified_at(st))
 
     # -- write --------------------------------------------------------------------------------
+    def replaced_bytes(self, workspace: str, rel: str) -> int:
+        """Bytes of the regular file an upload to ``rel`` would replace (0: none there, or
+        anything else, which the upload itself then refuses or replaces): the storage quota
+        counts them as freed."""
+        try:
+            parts = split_path(rel)
+            dir_fd = self._parent(workspace, parts)
+        except (NoxError, OSError):
+            return 0
+        try:
+            st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return 0
+        finally:
+            os.close(dir_fd)
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
     def upload(self, workspace: str, rel: str, max_bytes: int) -> FileUpload:
         """Start writing ``rel``: checked now (bad path, a folder in the way), made visible by
         :meth:`FileUpload.commit` only. Use it as a context manager: leaving it uncommitted
