@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -45,6 +47,20 @@ def data_dir() -> Iterator[Path]:
     folder.chmod(0o711)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve_refused(tmp_path: Path, **env: str) -> tuple[int, list[str]]:
+    """``nox-api serve`` with only ``env`` (and a data folder): its exit code and stderr lines,
+    for settings that must stop it before it starts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox_api", "serve"],
+        env={"NOX_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, proc.stderr.strip().splitlines()
 
 
 def write_policy(folder: Path, text: str) -> Path:

@@ -8,8 +8,6 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import free_port, nox_of
+from tests.conftest import free_port, nox_of, serve_refused
 
 from nox_api._version import __version__
 from nox_api.app import create_app
@@ -563,20 +561,10 @@ def test_webhook_settings_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_serve_with_a_bad_webhook_exits_2_with_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "nox_api", "serve"],
-        env={
-            "NOX_ALERT_WEBHOOKS": "ftp://nox:secret@127.0.0.1/x",
-            "NOX_DATA_DIR": str(tmp_path),
-            "PATH": "/usr/bin:/bin",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    assert serve_refused(tmp_path, NOX_ALERT_WEBHOOKS="ftp://nox:secret@127.0.0.1/x") == (
+        2,
+        [
+            "nox-api: configuration error: NOX_ALERT_WEBHOOKS: entry 1 is not an http:// or "
+            "https:// URL with a host"
+        ],
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "nox-api: configuration error: NOX_ALERT_WEBHOOKS: entry 1 is not an http:// or "
-        "https:// URL with a host"
-    ]

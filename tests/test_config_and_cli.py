@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import serve_refused
 from typer.testing import CliRunner
 
 from nox_api.cli import app as cli_app
@@ -57,19 +58,13 @@ def test_the_token_value_is_never_echoed_in_config_errors(monkeypatch: pytest.Mo
 
 
 def test_serve_with_a_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "nox_api", "serve"],
-        env={"NOX_PORT": "eighty", "NOX_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    assert serve_refused(tmp_path, NOX_PORT="eighty") == (
+        2,
+        [
+            "nox-api: configuration error: NOX_PORT: Input should be a valid integer, unable "
+            "to parse string as an integer (got 'eighty')"
+        ],
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "nox-api: configuration error: NOX_PORT: Input should be a valid integer, unable to "
-        "parse string as an integer (got 'eighty')"
-    ]
 
 
 def test_serve_with_a_bad_policy_file_exits_2_naming_the_field(tmp_path: Path) -> None:
