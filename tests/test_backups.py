@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import struct
@@ -333,6 +334,22 @@ def test_without_a_key_backups_are_refused_naming_both_settings(data_dir: Path) 
             assert "NOX_BACKUP_PASSPHRASE" in message
         names = sorted(p.name for p in settings.backups_dir.iterdir())
         assert names == [".lock", "old.noxbak"]
+
+
+def test_a_backup_that_would_leave_too_little_disk_is_507_and_writes_nothing(
+    data_dir: Path,
+) -> None:
+    free_mib = shutil.disk_usage(data_dir.parent).free // (1 << 20)
+    settings = load_settings(
+        data_dir=data_dir, pool_size=0, backup_key=KEY, disk_free_min_mib=free_mib + 1024
+    )
+    with _server(settings) as c:
+        resp = c.post("/api/backups", json={"name": "too-big"})
+        message = _error(resp, 507, "insufficient_storage")
+        assert "below NOX_DISK_FREE_MIN_MIB" in message
+        assert sorted(p.name for p in settings.backups_dir.iterdir()) == [".lock"]
+        failed = c.get("/api/audit", params={"action": "backup.create"}).json()["items"]
+        assert [e["outcome"] for e in failed] == ["failed"]
 
 
 def test_a_bad_key_setting_is_refused(data_dir: Path) -> None:

@@ -107,3 +107,23 @@ def test_env_api_token_is_an_admin(settings: Settings, fake: FakeSandbox) -> Non
             headers={"Authorization": "Bearer s3cret-from-envX"},
         )
         assert bad.status_code == 401
+
+
+def test_an_unexpected_error_is_a_500_envelope_with_the_request_id(
+    settings: Settings, admin_token: str
+) -> None:
+    from tests.conftest import error_message
+
+    from nox_api.engine.base import Result, RunSpec
+
+    def boom(spec: RunSpec) -> Result:
+        raise RuntimeError("a bug, for this test")
+
+    app = create_app(settings, sandbox=FakeSandbox(handler=boom))
+    auth = {"Authorization": f"Bearer {admin_token}", "X-Request-ID": "bug-hunt-1"}
+    with TestClient(app, raise_server_exceptions=False) as c:
+        resp = c.post("/run_py", json={"code": "print(1)"}, headers=auth)
+        message = error_message(resp, 500, "internal")  # header and body ids agree
+    assert resp.headers["X-Request-ID"] == "bug-hunt-1"
+    assert "request id identifies it" in message
+    assert "RuntimeError" not in resp.text  # no traceback in the answer

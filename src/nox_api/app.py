@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from nox_api._version import __version__
 from nox_api.config import Settings, load_settings
 from nox_api.engine.base import Sandbox
-from nox_api.http_errors import install_error_handlers
+from nox_api.http_errors import UnexpectedErrors, install_error_handlers
 from nox_api.middleware import BodyLimitMiddleware
 from nox_api.observability.metrics import Metrics, MetricsMiddleware
 from nox_api.routes import (
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None)
         limit=lambda: app.state.nox.request_body_limit(),  # noqa: PLW0108 - nox comes later
         exempt=_STREAMED,
     )
+    app.add_middleware(UnexpectedErrors)  # inside the request id and the metrics
     app.add_middleware(MetricsMiddleware, metrics=lambda: _metrics_of(app))
     app.add_middleware(
         CorrelationIdMiddleware,

@@ -112,6 +112,14 @@ class StorageQuotaExceeded(NoxError):
     exit_code = 6
 
 
+class InsufficientStorage(NoxError):
+    """The server's own disk is full (not a workspace's quota)."""
+
+    code = "insufficient_storage"
+    status = 507
+    exit_code = 6  # as the other "no room" errors
+
+
 class SandboxUnavailableError(NoxError):
     code = "sandbox_unavailable"
     status = 503

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import cast
 
@@ -10,10 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nox_api.errors import NoxError
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["UnexpectedErrors", "error_response", "install_error_handlers"]
 
 log = logging.getLogger("nox.http")
 
@@ -82,10 +84,48 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The machine's problem, not the request's: say so, without a traceback per request.
+        log.error("the disk is full: %s", exc.strerror)
+        return error_response(
+            507, "insufficient_storage",
+            "the server's disk is full; nothing was changed by this request, try again once "
+            "space is freed",
+        )  # fmt: skip
     log.exception("unhandled error", exc_info=exc)
     return error_response(
         500, "internal", "internal server error; the request id identifies it in the server log"
     )
+
+
+class UnexpectedErrors:
+    """Answers an exception no handler took (and a full disk) with the error envelope *inside*
+    the request-id middleware, so even a 500 carries ``X-Request-ID`` and its id in the body;
+    Starlette's own last-resort handler sits outside it. An exception after the answer
+    started is re-raised (the client sees a cut answer, the log the traceback)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_watching(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watching)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

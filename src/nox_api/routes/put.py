@@ -179,7 +179,8 @@ async def put(
         target = upload.path_field.decode("utf-8", "replace") or upload.filename
         if not target:
             raise InvalidRequest("the file part has no name: give the target in the 'path' field")
-        staged: StagedFile = writer.finish()
-        info = nox.workspaces.commit(target_ws, target, staged)
+        # fsync and rename: blocking work, off the event loop
+        staged: StagedFile = await run_in_threadpool(writer.finish)
+        info = await run_in_threadpool(nox.workspaces.commit, target_ws, target, staged)
     await run_in_threadpool(nox.record_upload, caller, target_ws, info)
     return info

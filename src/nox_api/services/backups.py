@@ -35,10 +35,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from nox_api.config import Settings
-from nox_api.errors import ConfigError, Conflict, InvalidRequest, NotFound, NoxError
+from nox_api.errors import (
+    ConfigError,
+    Conflict,
+    InsufficientStorage,
+    InvalidRequest,
+    NotFound,
+    NoxError,
+)
 from nox_api.services.audit import KEY_FILE
 from nox_api.services.auditing import Auditor, Caller, audit_key
 from nox_api.services.backup_archive import (
@@ -65,6 +73,7 @@ from nox_api.services.backup_unpack import extract_archive, prepare_database
 from nox_api.services.files import remove_tree
 from nox_api.services.server_lock import ServerLock
 from nox_api.storage.db import Database
+from nox_api.storage.models import WorkspaceStorageRow
 
 __all__ = [
     "BACKUP_SUFFIX",
@@ -79,6 +88,7 @@ __all__ = [
     "workspace_owner",
 ]
 
+_STORED_BYTES = select(func.coalesce(func.sum(WorkspaceStorageRow.bytes), 0))
 log = logging.getLogger("nox.backups")
 
 BACKUP_SUFFIX = ".noxbak"
@@ -277,6 +287,7 @@ class BackupService:
             validate_backup_name(name)
             keys = key_material(self.settings)
             database = self._sqlite_path()
+            self._check_room(database)
             with self._operation():
                 info, stats = _as_nox_error(self._write, name, keys, database, progress)
         except NoxError as exc:
@@ -337,6 +348,24 @@ class BackupService:
             yield
         finally:
             os.close(fd)
+
+    def _check_room(self, database: Path) -> None:
+        """Refuse a backup that could take the backups' disk below ``NOX_DISK_FREE_MIN_MIB``.
+        Its size is taken as what it holds, uncompressed (the database, the workspaces as the
+        storage scanner last counted them, the audit log): an upper bound, near enough."""
+        with self.db.connection() as conn:
+            stored = int(conn.execute(_STORED_BYTES).scalar_one())
+        audit = sum(p.stat().st_size for p in self.settings.audit_dir.glob("*") if p.is_file())
+        estimate = database.stat().st_size + stored + audit
+        free = shutil.disk_usage(self.folder).free
+        floor = self.settings.disk_free_min_mib * MIB
+        if free - estimate < floor:
+            raise InsufficientStorage(
+                f"a backup of up to {estimate / MIB:.0f} MiB would leave "
+                f"{max(0, free - estimate) / MIB:.0f} MiB free in {self.folder}, below "
+                f"NOX_DISK_FREE_MIN_MIB ({self.settings.disk_free_min_mib} MiB): free space "
+                "or remove old backups first"
+            )
 
     def _write(
         self, name: str, keys: KeyMaterial, database: Path, progress: Progress | None
