@@ -13,10 +13,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
@@ -47,6 +50,50 @@ def data_dir() -> Iterator[Path]:
     folder.chmod(0o711)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def nox_serve(
+    data_dir: Path, port: int, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``nox-api serve`` in a process of its own on 127.0.0.1:``port`` (``NOX_*`` from ``env``
+    over ``NOX_POOL_SIZE=1``), once it answers ``/health``; stopped at the end of the block,
+    when ``lines`` receives its output."""
+    environ = {
+        "PATH": os.environ["PATH"],
+        "NOX_DATA_DIR": str(data_dir),
+        "NOX_PORT": str(port),
+        "NOX_POOL_SIZE": "1",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox_api", "serve"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+            assert proc.poll() is None, "the server exited during start-up"
+        else:
+            pytest.fail("the server did not answer /health within 30 s")
+        yield proc, lines
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        lines.extend(out.splitlines())
 
 
 def serve_refused(tmp_path: Path, **env: str) -> tuple[int, list[str]]:

@@ -45,7 +45,7 @@ from nox_api.services.backup_format import (
 from nox_api.services.backup_unpack import extract_archive
 from nox_api.services.backups import BackupService
 from nox_api.services.server_lock import ServerLock
-from nox_api.services.tokens import Role, TokenService
+from nox_api.services.tokens import Role
 from nox_api.storage.db import Database
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -71,12 +71,7 @@ def settings(data_dir: Path) -> Settings:
 @contextlib.contextmanager
 def _server(settings: Settings) -> Iterator[TestClient]:
     """A server on ``settings`` (fake sandbox) with a fresh admin token."""
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("backup-admin", Role.ADMIN).secret
-    finally:
-        db.close()
+    token = _token(settings, Role.ADMIN)
     app = create_app(settings, sandbox=FakeSandbox())
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
         yield c

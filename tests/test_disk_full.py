@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import error_message
+from tests.conftest import _token, error_message
 
 from nox_api.app import create_app
 from nox_api.config import load_settings
 from nox_api.engine.fake import FakeSandbox
-from nox_api.services.tokens import Role, TokenService
-from nox_api.storage.db import Database
+from nox_api.services.tokens import Role
 
 MIB = 1 << 20
 
@@ -44,12 +43,7 @@ def small_disk() -> Iterator[Path]:
 def client(small_disk: Path) -> Iterator[TestClient]:
     settings = load_settings(data_dir=small_disk / "data", pool_size=0)
     settings.data_path.mkdir()
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("disk", Role.ADMIN).secret
-    finally:
-        db.close()
+    token = _token(settings, Role.ADMIN)
     app = create_app(settings, sandbox=FakeSandbox())
     headers = {"Authorization": f"Bearer {token}"}
     with TestClient(app, headers=headers, raise_server_exceptions=False) as c:

@@ -26,8 +26,8 @@ import httpx2
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from tests.conftest import _token, free_port, write_policy
 from tests.conftest import error_message as _error
-from tests.conftest import free_port, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -40,9 +40,8 @@ from nox_api.services.file_search import (
     SNIFF_BYTES,
     TEXT_MAX_CHARS,
 )
-from nox_api.services.tokens import Role, TokenService
+from nox_api.services.tokens import Role
 from nox_api.services.workspace_files import UPLOAD_PREFIX
-from nox_api.storage.db import Database
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -83,12 +82,7 @@ def _tree(root: Path) -> dict[str, str]:
 def _app(data_dir: Path, fake: FakeSandbox, **overrides: Any) -> Iterator[TestClient]:
     """An app of its own settings on ``data_dir``, with an admin token in its headers."""
     settings = load_settings(data_dir=data_dir, pool_size=0, **overrides)
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("own-admin", Role.ADMIN).secret
-    finally:
-        db.close()
+    token = _token(settings, Role.ADMIN)
     with TestClient(create_app(settings, sandbox=fake), headers=_auth(token)) as c:
         yield c
 
@@ -732,12 +726,7 @@ _SERVER = textwrap.dedent(
 def _server(data_dir: Path, **env: str) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
     """A uvicorn server process on the fake sandbox and a runner token of 'default'."""
     settings = load_settings(data_dir=data_dir, pool_size=0)
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("live", Role.RUNNER).secret
-    finally:
-        db.close()
+    token = _token(settings, Role.RUNNER)
     port = free_port()
     # Rate limits that never refuse these tests (still counted on every request).
     policy = write_policy(data_dir, "rate_limits:\n  roles:\n    runner: 1000000/minute\n")

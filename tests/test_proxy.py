@@ -4,17 +4,13 @@ proxy; without it, the header is ignored. Real ``nox-api serve`` processes on 12
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from tests.conftest import free_port, write_policy
+from tests.conftest import free_port, nox_serve, write_policy
 
 from nox_api.config import ConfigError, load_settings
 
@@ -28,9 +24,6 @@ def _server(data_dir: Path, trusted: str | None) -> Iterator[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
-        "PATH": os.environ["PATH"],
-        "NOX_DATA_DIR": str(data_dir),
-        "NOX_PORT": str(port),
         "NOX_POOL_SIZE": "0",
         "NOX_POOL_STEMS": "0",
         "NOX_POLICY_FILE": str(write_policy(data_dir, POLICY)),
@@ -38,30 +31,8 @@ def _server(data_dir: Path, trusted: str | None) -> Iterator[str]:
     }
     if trusted is not None:
         env["NOX_TRUSTED_PROXIES"] = trusted
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox_api", "serve"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "the server exited during start-up"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer /health within 30 s"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with nox_serve(data_dir, port, **env):
+        yield f"http://127.0.0.1:{port}"
 
 
 def _failed_logins(base: str, forwarded_for: str, count: int) -> list[int]:

@@ -3,59 +3,15 @@ token, runs in bubblewrap, an upload read back from code, and a restart that kee
 
 from __future__ import annotations
 
-import os
 import re
 import resource
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from tests.conftest import free_port
+from tests.conftest import free_port, nox_serve
 
 pytestmark = pytest.mark.sandbox
-
-
-@contextmanager
-def _server(data_dir: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "NOX_DATA_DIR": str(data_dir),
-        "NOX_PORT": str(port),
-        "NOX_POOL_SIZE": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox_api", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-            assert proc.poll() is None, "the server exited during start-up"
-        else:
-            pytest.fail("the server did not answer /health within 30 s")
-        yield proc, lines
-    finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        lines.extend(out.splitlines())
 
 
 def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
@@ -64,7 +20,7 @@ def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
     soft_before, hard_before = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard_before), hard_before))
     try:  # the server inherits a low soft limit of open files and raises it to the hard one
-        with _server(data_dir, port) as (proc, lines):
+        with nox_serve(data_dir, port) as (proc, lines):
             limits = Path(f"/proc/{proc.pid}/limits").read_text()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft_before, hard_before))
@@ -76,7 +32,7 @@ def test_serve_prints_a_token_once_and_runs_code(data_dir: Path) -> None:
     auth = {"Authorization": f"Bearer {tokens[0]}"}
 
     with (
-        _server(data_dir, port) as (_proc, lines2),
+        nox_serve(data_dir, port) as (_proc, lines2),
         httpx.Client(base_url=base, headers=auth, timeout=30) as c,
     ):
         py = c.post("/run_py", json={"code": "import os; print(os.getuid(), os.getcwd())"})

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from tests.conftest import _token
 
 from nox_api.app import create_app
 from nox_api.config import load_settings
-from nox_api.services.tokens import Role, TokenService
-from nox_api.storage.db import Database
+from nox_api.services.tokens import Role
 
 SANDBOX_UID = 65534
 
@@ -48,12 +48,7 @@ def own_server(
     if maxima:
         overrides["policy_file"] = maxima_policy(data_dir.parent, **maxima)
     settings = load_settings(data_dir=data_dir, **overrides)
-    db = Database(settings.sqlalchemy_url)
-    db.migrate()
-    try:
-        token = TokenService(db).create("own-server", Role.ADMIN, "default").secret
-    finally:
-        db.close()
+    token = _token(settings, Role.ADMIN)
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
         assert c.app.state.nox.sandbox.info().available  # type: ignore[attr-defined]
         yield c
