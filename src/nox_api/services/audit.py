@@ -55,6 +55,7 @@ __all__ = [
     "MemoryCheckpointStore",
     "OUTCOMES",
     "VerifyReport",
+    "fsync_dir",
     "key_id",
     "load_or_create_key",
     "verify_files",
@@ -292,7 +293,8 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -338,7 +340,7 @@ def _create_key_file(path: Path) -> None:
             os.link(tmp, path)
         except FileExistsError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         os.unlink(tmp)
 
@@ -825,7 +827,7 @@ class AuditLog:
             self._fd = None
         fd = os.open(self._current, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, 0o600)
         if st is None and self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         st = os.fstat(fd)
         self._fd, self._fd_ino = fd, st.st_ino
         return fd, st
@@ -867,7 +869,7 @@ class AuditLog:
         st = os.fstat(fd)
         self._fd, self._fd_ino = fd, st.st_ino
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return fd, st
 
     def append(self, event: AuditEvent) -> dict[str, object]:

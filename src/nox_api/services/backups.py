@@ -47,7 +47,7 @@ from nox_api.errors import (
     NotFound,
     NoxError,
 )
-from nox_api.services.audit import KEY_FILE
+from nox_api.services.audit import KEY_FILE, fsync_dir
 from nox_api.services.auditing import Auditor, Caller, audit_key
 from nox_api.services.backup_archive import (
     AUDIT_DIR,
@@ -173,14 +173,6 @@ def _remove_stage(stage: Path) -> None:
         remove_tree(fd, stage.name)
     except OSError as exc:
         log.error("restore: could not remove %s (%s); remove it by hand", stage, exc)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -402,7 +394,7 @@ class BackupService:
             except OSError:
                 target.unlink(missing_ok=True)  # a failed backup must not hold its name
                 raise
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except (OSError, sqlite3.Error) as exc:
             raise NoxError(f"the backup {name!r} could not be written: {exc}") from None
         finally:
@@ -534,7 +526,7 @@ class BackupService:
             "A restore was swapping the data folder's parts here; the parts it replaced are in "
             "old/. See docs/backups.md, 'An interrupted restore'.\n"
         )
-        _fsync_dir(stage)
+        fsync_dir(stage)
         try:
             for part in (WORKSPACES_DIR, AUDIT_DIR, AUDIT_KEY):
                 if not (new / part).exists():
@@ -543,14 +535,14 @@ class BackupService:
                 if live.exists() or live.is_symlink():
                     swap.move(live, old / part)
                 swap.move(new / part, live)
-            _fsync_dir(data)
+            fsync_dir(data)
             restore_database(new / DATABASE, database)
             marker.unlink()
-            _fsync_dir(stage)
+            fsync_dir(stage)
         except BaseException as exc:
             swap.undo()
             with contextlib.suppress(OSError):
-                _fsync_dir(data)
+                fsync_dir(data)
                 marker.unlink()  # undone: the previous state is whole again
             if isinstance(exc, NoxError) or not isinstance(exc, Exception):
                 raise
@@ -576,7 +568,7 @@ class BackupService:
             return
         try:
             os.rename(replaced, self.folder / f"{pre}.audit")
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             log.error("restore: could not keep the replaced audit log %s: %s", replaced, exc)
 
