@@ -177,7 +177,7 @@ def test_sandboxes_run_the_sealed_image_and_the_program_never_holds_it(
 ) -> None:
     launcher = stems_only._launcher
     assert isinstance(launcher, BwrapLauncher)
-    image = launcher._image
+    image = launcher._bootstrap.image
     assert image is not None, "the bootstrap image must build on this machine"
     workspace = _workspace(stems_only, root, "ws")
     code = (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nox_api.engine.base import MIB, Limits, SandboxUnavailable
-from nox_api.engine.image import build_image
+from nox_api.engine.image import Bootstrap
 from nox_api.engine.process import bootstrap_source
 from nox_api.engine.seccomp import SeccompUnavailable, compile_filter
 
@@ -37,9 +37,7 @@ class BwrapLauncher:
         self._uid = uid
         self._gid = gid
         self._setpriv = setpriv
-        self._bootstrap = bootstrap_source()
-        self._image = build_image(python, self._bootstrap)
-        self.inherited_fds: tuple[int, ...] = () if self._image is None else (self._image.fd,)
+        self._bootstrap = Bootstrap(python, bootstrap_source())
         self._static = self._static_args()
 
     @classmethod
@@ -135,15 +133,14 @@ class BwrapLauncher:
         return argv
 
     def _tail(self, bootstrap_fds: Sequence[int]) -> list[str]:
-        start = ["-I", "-S", "-c", self._bootstrap] if self._image is None else self._image.argv()
-        return ["--", self._python, *start, *map(str, bootstrap_fds)]
+        return ["--", self._python, *self._bootstrap.argv(), *map(str, bootstrap_fds)]
+
+    @property
+    def inherited_fds(self) -> tuple[int, ...]:
+        return self._bootstrap.fds
 
     def close(self) -> None:
-        """Release the bootstrap image (the sandboxes started from it keep their copy)."""
-        if self._image is not None:
-            self._image.close()
-            self._image = None
-            self.inherited_fds = ()
+        self._bootstrap.close()
 
     def environment(self) -> dict[str, str]:
         return {}

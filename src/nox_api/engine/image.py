@@ -6,8 +6,8 @@ here, a tenth of a cold start). Instead, at start-up the sandbox's own interpret
 in a sealed memfd: no write, grow, shrink or new seal is possible any more, by anyone, so code in
 one sandbox cannot change what the next one runs. Each sandbox inherits a read-only descriptor of
 it and runs ``python -I -S /proc/self/fd/N``; the bootstrap closes that descriptor first thing.
-Where memfds or seals are missing, :func:`build_image` returns None and the launchers fall back
-to ``-c``.
+Where memfds or seals are missing, :func:`build_image` returns None and :class:`Bootstrap`, which
+the launchers use, falls back to ``-c``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import os
 import subprocess
 
-__all__ = ["BootstrapImage", "build_image"]
+__all__ = ["Bootstrap", "BootstrapImage", "build_image"]
 
 log = logging.getLogger("nox.engine")
 
@@ -73,3 +73,25 @@ def build_image(python: str, source: str) -> BootstrapImage | None:
             with contextlib.suppress(OSError):
                 os.close(memfd)
     return BootstrapImage(readonly)
+
+
+class Bootstrap:
+    """How a launcher starts the bootstrap: the arguments after the interpreter and the
+    descriptors its sandboxes inherit; the sealed image when it could be built, else ``-c``."""
+
+    def __init__(self, python: str, source: str) -> None:
+        self._source = source
+        self.image = build_image(python, source)
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return () if self.image is None else (self.image.fd,)
+
+    def argv(self) -> list[str]:
+        return ["-I", "-S", "-c", self._source] if self.image is None else self.image.argv()
+
+    def close(self) -> None:
+        """Release the image (the sandboxes started from it keep their copy)."""
+        if self.image is not None:
+            self.image.close()
+            self.image = None

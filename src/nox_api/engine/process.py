@@ -63,7 +63,10 @@ class Launcher(Protocol):
     uses_seccomp: bool
     memory_by_rlimit: bool  # no cgroup: the memory limit is RLIMIT_AS inside the sandbox
     supports_stems: bool  # can start a sandbox before its workspace is known (see Stem)
-    inherited_fds: tuple[int, ...]  # descriptors every sandbox inherits (the bootstrap image)
+
+    @property
+    def inherited_fds(self) -> tuple[int, ...]:
+        """Descriptors every sandbox inherits (the bootstrap image)."""
 
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
@@ -72,9 +75,9 @@ class Launcher(Protocol):
 
     def stem_command(
         self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
-    ) -> list[str] | None:
+    ) -> list[str]:
         """Like :meth:`command`, with the options of :meth:`stem_args` read from ``args_fd``
-        later; None when this launcher cannot do that."""
+        later (only called when ``supports_stems``)."""
 
     def stem_args(self, workspace: Path, limits: Limits) -> list[str]: ...
 
@@ -180,14 +183,10 @@ def spawn_stem(launcher: Launcher, cgroups: CgroupManager | None, ceiling: Limit
     """Start a :class:`Stem` (the launcher must support them)."""
     args_r, args_w = os.pipe()
     try:
-
-        def argv(fds: Sequence[int], seccomp_fd: int | None) -> list[str]:
-            command = launcher.stem_command(fds, seccomp_fd, args_r)
-            if command is None:
-                raise ValueError(f"{type(launcher).__name__} cannot start stems")
-            return command
-
-        sp = _start(argv, launcher, Path("/nonexistent"), cgroups, ceiling, extra_fds=(args_r,))
+        sp = _start(
+            lambda fds, seccomp_fd: launcher.stem_command(fds, seccomp_fd, args_r),
+            launcher, Path("/nonexistent"), cgroups, ceiling, extra_fds=(args_r,),
+        )  # fmt: skip
     except BaseException:
         os.close(args_w)
         raise

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nox_api.engine.base import Limits
-from nox_api.engine.image import build_image
+from nox_api.engine.image import Bootstrap
 from nox_api.engine.process import bootstrap_source
 
 __all__ = ["UNSAFE_WARNING", "UnsafeLauncher"]
@@ -30,32 +30,29 @@ class UnsafeLauncher:
     def __init__(self, *, python: str) -> None:
         self.memory_by_rlimit = True
         self._python = python
-        self._bootstrap = bootstrap_source()
-        self._image = build_image(python, self._bootstrap)
-        self.inherited_fds: tuple[int, ...] = () if self._image is None else (self._image.fd,)
+        self._bootstrap = Bootstrap(python, bootstrap_source())
 
     def command(
         self, workspace: Path, bootstrap_fds: Sequence[int], seccomp_fd: int | None, limits: Limits
     ) -> list[str]:
         # The bootstrap runs from the workspace: `cd` first, through the shell-free env tool.
-        start = ["-I", "-S", "-c", self._bootstrap] if self._image is None else self._image.argv()
-        return ["/usr/bin/env", "-C", str(workspace), self._python, *start,
+        return ["/usr/bin/env", "-C", str(workspace), self._python, *self._bootstrap.argv(),
                 *map(str, bootstrap_fds)]  # fmt: skip
 
     def stem_command(
         self, bootstrap_fds: Sequence[int], seccomp_fd: int | None, args_fd: int
-    ) -> list[str] | None:
-        return None  # no cgroups, nothing slow to do ahead of the workspace
+    ) -> list[str]:
+        raise NotImplementedError("no stems without cgroups: nothing slow to do ahead")
 
     def stem_args(self, workspace: Path, limits: Limits) -> list[str]:
         return []
 
+    @property
+    def inherited_fds(self) -> tuple[int, ...]:
+        return self._bootstrap.fds
+
     def close(self) -> None:
-        """Release the bootstrap image (the sandboxes started from it keep their copy)."""
-        if self._image is not None:
-            self._image.close()
-            self._image = None
-            self.inherited_fds = ()
+        self._bootstrap.close()
 
     def environment(self) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
