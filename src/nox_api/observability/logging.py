@@ -76,6 +76,14 @@ def _time(_logger: object, _method: str, event: EventDict) -> EventDict:
 
 
 _Step = Callable[[object, str, EventDict], EventDict]  # a structlog processor of this chain
+_PLAIN = logging.Formatter()  # only for its traceback and stack text
+
+
+def _exception_text(record: logging.LogRecord) -> str | None:
+    """The record's traceback as text, made once and kept on the record (as logging does)."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _PLAIN.formatException(record.exc_info)
+    return record.exc_text
 
 
 def _exc_info(_logger: object, _method: str, event: EventDict) -> EventDict:
@@ -83,13 +91,10 @@ def _exc_info(_logger: object, _method: str, event: EventDict) -> EventDict:
     event.pop("exc_info", None)
     record: logging.LogRecord | None = event.get("_record")
     if record is not None and (record.exc_info or record.exc_text):
-        formatter = logging.Formatter()
-        if not record.exc_text:
-            record.exc_text = formatter.formatException(record.exc_info)  # type: ignore[arg-type]
-        event["exc_info"] = record.exc_text
+        event["exc_info"] = _exception_text(record)
     stack = event.pop("stack_info", None) or (record.stack_info if record is not None else None)
     if stack:
-        event["stack_info"] = logging.Formatter().formatStack(str(stack))
+        event["stack_info"] = _PLAIN.formatStack(str(stack))
     return event
 
 
@@ -224,8 +229,7 @@ class _Handoff(logging.Handler):
         try:
             if "request_id" not in record.__dict__:
                 record.request_id = correlation_id.get()
-            if record.exc_info and not record.exc_text:  # the traceback's objects stay here
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            _exception_text(record)  # made here: the traceback's frames stay with this thread
             record.message = record.getMessage()
             record.msg, record.args = record.message, None
             self._sink.put(record)
