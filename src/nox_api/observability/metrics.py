@@ -140,18 +140,15 @@ class _StateCollector(Collector):
     def _pool(nox: Nox) -> Iterator[Metric]:
         stats = _call(nox.sandbox, "pool_stats")
         stems = _call(nox.sandbox, "stem_stats")
-        ready = GaugeMetricFamily("nox_pool_ready_sandboxes", "Warm sandboxes ready.")
-        ready.add_metric([], stats.ready if stats else 0)
-        yield ready
-        hits = CounterMetricFamily("nox_pool_hits", "Runs that took a warm sandbox.")
-        hits.add_metric([], stats.hits if stats else 0)
-        yield hits
-        misses = CounterMetricFamily("nox_pool_misses", "Runs that found no warm sandbox.")
-        misses.add_metric([], stats.misses if stats else 0)
-        yield misses
-        ready_stems = GaugeMetricFamily("nox_stems_ready", "Half-started sandboxes ready.")
-        ready_stems.add_metric([], stems.ready if stems else 0)
-        yield ready_stems
+        pool = (stats.ready, stats.hits, stats.misses) if stats else (0, 0, 0)
+        yield GaugeMetricFamily("nox_pool_ready_sandboxes", "Warm sandboxes ready.", value=pool[0])
+        yield CounterMetricFamily("nox_pool_hits", "Runs that took a warm sandbox.", value=pool[1])
+        yield CounterMetricFamily(
+            "nox_pool_misses", "Runs that found no warm sandbox.", value=pool[2]
+        )
+        yield GaugeMetricFamily(
+            "nox_stems_ready", "Half-started sandboxes ready.", value=stems.ready if stems else 0
+        )
 
     def _storage(self, nox: Nox) -> Iterator[Metric]:
         rows = nox.stats.storage_by_workspace()
@@ -184,9 +181,9 @@ class _StateCollector(Collector):
         yield family
         free_mib = checks.get("disk", {}).get("free_mib")
         if free_mib is not None:
-            free = GaugeMetricFamily("nox_disk_free_bytes", "Free bytes in the data folder.")
-            free.add_metric([], float(free_mib) * (1 << 20))
-            yield free
+            yield GaugeMetricFamily(
+                "nox_disk_free_bytes", "Free bytes in the data folder.", value=free_mib * (1 << 20)
+            )
 
 
 def _call(obj: object, name: str) -> Any:
