@@ -34,6 +34,11 @@ def scrape(client: TestClient, **kwargs: Any) -> Samples:
     return samples
 
 
+def from_loopback(client: TestClient) -> TestClient:
+    """The same app, asked from 127.0.0.1 (the test client's own address is 'testclient')."""
+    return TestClient(client.app, client=("127.0.0.1", 50000))
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -43,7 +48,7 @@ def names(samples: Samples) -> set[str]:
 
 
 def test_metrics_expose_build_process_pool_and_health(client: TestClient) -> None:
-    samples = scrape(client)
+    samples = scrape(from_loopback(client))
     build = [labels for name, labels in samples if name == "nox_build_info"]
     assert len(build) == 1
     assert dict(build[0])["backend"] == "fake"
@@ -61,7 +66,7 @@ def test_runs_are_counted_by_kind_and_status_with_their_times(
 ) -> None:
     assert client.post("/run_py", json={"code": "print(1)"}).status_code == 200
     assert client.post("/run_sh", json={"cmd": "exit 3"}).status_code == 200
-    samples = scrape(client)
+    samples = scrape(from_loopback(client))
     assert value(samples, "nox_runs_total", kind="python", status="ok") == 1
     assert value(samples, "nox_run_duration_seconds_count", kind="python") == 1
     assert value(samples, "nox_run_cpu_seconds_count", kind="python") == 1
@@ -75,7 +80,7 @@ def test_http_requests_are_labelled_by_route_template_never_the_raw_path(
     client.get("/api/history/abcdef0123456789")  # 404: no such run
     client.get("/no/such/path/ever")
     client.get("/api/me")
-    samples = scrape(client)
+    samples = scrape(from_loopback(client))
     routes = {
         dict(labels)["route"] for name, labels in samples if name == "nox_http_requests_total"
     }
@@ -110,7 +115,7 @@ def test_refusals_auth_failures_and_audit_events_are_counted(
         assert c.post("/run_py", json={"code": "1"}, headers=runner).status_code == 200
         assert c.post("/run_py", json={"code": "1"}, headers=runner).status_code == 429
         assert c.get("/api/me", headers={"Authorization": "Bearer nox_wrong"}).status_code == 401
-        samples = scrape(c)
+        samples = scrape(from_loopback(c))
     assert value(samples, "nox_rate_limited_total", role="viewer") == 1
     assert value(samples, "nox_quota_refused_total", role="runner") == 1
     assert value(samples, "nox_auth_failures_total") == 1
@@ -132,7 +137,7 @@ def test_storage_series_are_bounded(data_dir: Path, fake: FakeSandbox) -> None:
                         workspace=name, files=1, bytes=size, scanned_at=datetime.now(UTC)
                     )
                 )
-        samples = scrape(c)
+        samples = scrape(from_loopback(c))
     stored = {
         dict(labels)["workspace"]: v
         for (name, labels), v in samples.items()
@@ -153,6 +158,8 @@ def test_access_from_elsewhere_needs_the_scrape_token(data_dir: Path, fake: Fake
         scrape(far, headers={"Authorization": f"Bearer {token}"})
     with TestClient(app, client=("127.0.0.1", 40000)) as near:
         scrape(near)  # loopback: open
+        # an address that is no IP address (a proxy's made-up value, a test client) is not
+        error_message(TestClient(app).get("/metrics"), 401, "unauthorized")
 
 
 def test_loopback_can_be_closed_and_no_token_means_no_remote_scrape(
