@@ -45,13 +45,18 @@ def root(data_dir: Path) -> Path:
     return data_dir
 
 
-@pytest.fixture
-def stems_only(root: Path) -> Iterator[ProcessSandbox]:
-    sandbox = ProcessSandbox(
+def _stems_only(root: Path, stems: int) -> ProcessSandbox:
+    """A real bwrap sandbox without a warm pool: every run grows a stem (or starts afresh)."""
+    return ProcessSandbox(
         name="bwrap", isolation="namespaces+seccomp", launcher=_launcher(), ceiling=CEILING,
         pool_size=0, pool_idle_s=60, pool_max_workspaces=4, max_concurrent=4,
-        use_cgroups=True, probe_dir=root / "probe", stems=2,
+        use_cgroups=True, probe_dir=root / "probe", stems=stems,
     )  # fmt: skip
+
+
+@pytest.fixture
+def stems_only(root: Path) -> Iterator[ProcessSandbox]:
+    sandbox = _stems_only(root, 2)
     if cgroups_mod.detect() is None:
         sandbox.close()
         pytest.skip("stems are used only where the server may create cgroups")
@@ -114,11 +119,7 @@ def test_closing_leaves_no_stem_process_or_cgroup(root: Path) -> None:
     manager = cgroups_mod.detect()
     if manager is None:
         pytest.skip("stems are used only where the server may create cgroups")
-    sandbox = ProcessSandbox(
-        name="bwrap", isolation="namespaces+seccomp", launcher=_launcher(), ceiling=CEILING,
-        pool_size=0, pool_idle_s=60, pool_max_workspaces=4, max_concurrent=4,
-        use_cgroups=True, probe_dir=root / "probe", stems=3,
-    )  # fmt: skip
+    sandbox = _stems_only(root, 3)
     _wait_ready(sandbox, 3)
     pids = _stem_pids(sandbox)
     assert len(pids) == 3
