@@ -10,8 +10,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from tests.conftest import free_port, nox_serve
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -319,29 +318,14 @@ def test_a_stream_may_end_after_a_duration(client: TestClient) -> None:
 def test_serve_logs_to_stderr_and_the_file_and_ends_streams_on_sigterm(data_dir: Path) -> None:
     """`nox-api serve` for real: its plain-text stderr output stays, the JSON file fills, and
     SIGTERM stops it promptly although a log stream is open."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     token = "serve-test-admin-token"
-    env = {
-        "PATH": os.environ["PATH"],
-        "NOX_DATA_DIR": str(data_dir),
-        "NOX_PORT": str(port),
-        "NOX_POOL_SIZE": "0",
-        "NOX_SANDBOX_BACKEND": "unsafe",  # no sandbox needed to test the logs
-        "NOX_API_TOKEN": token,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox_api", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {token}"}
-    try:
-        assert _wait_for(lambda: _answers(base), 30), "the server did not start"
+    with nox_serve(
+        data_dir, port, NOX_POOL_SIZE="0", NOX_API_TOKEN=token,
+        NOX_SANDBOX_BACKEND="unsafe",  # no sandbox needed to test the logs
+    ) as (proc, output):  # fmt: skip
         with (
             httpx.Client(base_url=base, headers=auth, timeout=10) as c,
             c.stream("GET", "/api/logs/stream") as resp,
@@ -353,11 +337,8 @@ def test_serve_logs_to_stderr_and_the_file_and_ends_streams_on_sigterm(data_dir:
             for _line in lines:  # until the server ends the stream
                 assert time.monotonic() - stopped < 5, "the stream held the shutdown up"
             assert time.monotonic() - stopped < 5
-        out, _ = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        proc.wait(timeout=15)
+    out = "\n".join(output)
     # uvicorn re-raises the SIGTERM it handled once it has shut down
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "WARNING nox: NOX_SANDBOX_BACKEND=unsafe" in out  # plain text on stderr, as before
@@ -366,10 +347,3 @@ def test_serve_logs_to_stderr_and_the_file_and_ends_streams_on_sigterm(data_dir:
     assert ("uvicorn.error", "Application startup complete.") in messages
     assert any(logger == "nox" and "WITHOUT ANY ISOLATION" in m for logger, m in messages)
     assert token not in (data_dir / "logs" / "nox.log").read_text()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
