@@ -137,8 +137,8 @@ class Nox:
         cleaner = Cleaner(settings, auditor, changed=scanner.mark_dirty)
         backups = BackupService(
             settings, db, auditor, owner=owner, prepare=sandbox.prepare_workspace,
-            settle=executions.settle, after_restore=(sandbox.flush, quotas.forget_cached),
-            changed=scanner.mark_dirty, server_lock=server_lock,
+            settle=executions.settle, changed=scanner.mark_dirty, server_lock=server_lock,
+            after_restore=(sandbox.flush, quotas.forget_cached, tokens.changed),
         )  # fmt: skip
         nox = cls(
             settings=settings,

@@ -1,18 +1,27 @@
 """``POST /run_py`` and ``POST /run_sh``: run code in the caller's workspace.
 
-The blocking part (checks, the sandbox's supervision, the quota) goes to a worker thread in one
-hop; the handlers themselves are ``async``, because FastAPI would otherwise hop to a thread for
-the handler and again to validate its answer (about 0.7 ms each on a 2-core machine). User code
-failing is still HTTP 200; ``status`` tells how it ended.
+The blocking part (checks, the sandbox's supervision, the quota, the answer's JSON) goes to a
+worker thread in one hop; the handlers themselves are ``async``, because FastAPI would otherwise
+hop to a thread for the handler and again to validate its answer (about 0.7 ms each on a 2-core
+machine). The run's history row and audit record are handed to the writer thread only once the
+answer has been sent (see :meth:`ExecutionService.run_held`). User code failing is still HTTP
+200; ``status`` tells how it ended.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
+from collections.abc import Callable, Mapping
 
-from nox_api.deps import NoxDep, Runner
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from nox_api.deps import Caller, NoxDep, Runner
+from nox_api.state import Nox
 from noxsdk.models import Execution, RunPython, RunShell
+
+__all__ = ["router"]
 
 router = APIRouter(tags=["run"])
 
@@ -26,14 +35,43 @@ _ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
+class _RunAnswer(Response):
+    """An Execution's JSON, made in the worker thread; ``keep`` runs once it has been sent
+    (or sending failed: the run happened, so its history row and audit record are written)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: Mapping[str, str], keep: Callable[[], None]) -> None:
+        super().__init__(body, headers=headers)
+        self._keep = keep
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._keep()
+
+
+def _run(nox: Nox, caller: Caller, body: RunPython | RunShell) -> tuple[bytes, Callable[[], None]]:
+    execution, keep = nox.executions.run_held(caller, body)
+    return execution.model_dump_json().encode(), keep
+
+
+async def _answer(
+    request: Request, nox: Nox, caller: Caller, body: RunPython | RunShell
+) -> Response:
+    content, keep = await run_in_threadpool(_run, nox, caller, body)
+    return _RunAnswer(content, getattr(request.state, "rate_headers", {}), keep)
+
+
 @router.post(
     "/run_py",
     response_model=Execution,
     responses=_ERRORS,
     summary="Run Python code in a sandbox",
 )
-async def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
-    return await run_in_threadpool(nox.executions.run, caller, body)
+async def run_py(request: Request, body: RunPython, nox: NoxDep, caller: Runner) -> Response:
+    return await _answer(request, nox, caller, body)
 
 
 @router.post(
@@ -42,5 +80,5 @@ async def run_py(body: RunPython, nox: NoxDep, caller: Runner) -> Execution:
     responses=_ERRORS,
     summary="Run a shell command (/bin/sh -c) in a sandbox",
 )
-async def run_sh(body: RunShell, nox: NoxDep, caller: Runner) -> Execution:
-    return await run_in_threadpool(nox.executions.run, caller, body)
+async def run_sh(request: Request, body: RunShell, nox: NoxDep, caller: Runner) -> Response:
+    return await _answer(request, nox, caller, body)

@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from nox_api.errors import InvalidRequest, NotFound
+from nox_api.services.token_cache import PrincipalCache, RevocationMark
 from nox_api.storage.db import Database
 from nox_api.storage.models import TokenRow
 
@@ -124,6 +125,8 @@ class TokenService:
     def __init__(self, db: Database, env_token: str | None = None) -> None:
         self._db = db
         self._env_token = env_token
+        self._mark = RevocationMark.of(db)
+        self._cache = None if self._mark is None else PrincipalCache(self._mark)
 
     def create(
         self,
@@ -179,9 +182,21 @@ class TokenService:
             row = _by_id(session, token_id)
             if row is None:
                 raise NotFound(f"no token with id {token_id[:40]!r}")
-            if row.revoked_at is None:
+            newly = row.revoked_at is None
+            if newly:
                 row.revoked_at = datetime.now(UTC)
-            return _info(row)
+            info = _info(row)
+        if newly:
+            self.changed()  # committed: now every process's cache forgets its tokens
+        return info
+
+    def changed(self) -> None:
+        """Say that stored tokens changed other than by :meth:`create` (a revocation, a restore
+        of the database): cached authentications of every process on this database end."""
+        if self._cache is not None:
+            self._cache.forget()
+        if self._mark is not None:
+            self._mark.bump()
 
     def authenticate(self, secret: str) -> Principal | None:
         """The principal of a bearer secret, or None for an unknown, expired or revoked one."""
@@ -195,13 +210,27 @@ class TokenService:
         # so timing reveals nothing about a stored secret.
         digest = hash_secret(secret)
         now = datetime.now(UTC)
+        cache, mark = self._cache, None
+        if cache is not None:
+            mark = cache.mark()  # read before the query: see services/token_cache.py
+            known = cache.get(digest, mark, now)
+            if known is not None:
+                return known
+        found = self._lookup(digest, now)
+        if found is None:
+            return None
+        principal, expires_at = found
+        if cache is not None:
+            cache.put(digest, principal, expires_at, mark)
+        return principal
+
+    def _lookup(self, digest: str, now: datetime) -> tuple[Principal, datetime | None] | None:
+        """The stored token of ``digest`` and its expiry, if it is valid now."""
         with self._db.connection() as conn:  # one indexed row: a plain query, no ORM session
             row = conn.execute(_BY_HASH, {"digest": digest}).first()
         if row is None:
             return None
         token_id, name, role, workspace, expires_at, revoked_at = row
-        if revoked_at is not None:
+        if revoked_at is not None or (expires_at is not None and expires_at <= now):
             return None
-        if expires_at is not None and expires_at <= now:
-            return None
-        return Principal(token_id, name, Role(role), workspace)
+        return Principal(token_id, name, Role(role), workspace), expires_at
