@@ -183,6 +183,24 @@ def test_env_visible(bwrap_client: TestClient) -> None:
     assert sh["stdout"] == "hello there|ünïcode\n"
 
 
+def test_env_reaches_the_programs_python_starts(bwrap_client: TestClient) -> None:
+    """The run's environment is the process's own (putenv), not only os.environ's copy."""
+    code = (
+        "import subprocess\n"
+        "out = subprocess.run(['/bin/sh', '-c', 'echo \"$NOX_GREETING\"; env'],\n"
+        "                     capture_output=True, text=True).stdout\n"
+        "print(out)\n"
+    )
+    answer = run_py(bwrap_client, code, env={"NOX_GREETING": "from the parent"})
+    assert answer["status"] == "ok", answer["stderr"]
+    lines = answer["stdout"].splitlines()
+    assert lines[0] == "from the parent"
+    names = {line.partition("=")[0] for line in lines[1:] if "=" in line}
+    assert "NOX_GREETING" in names
+    assert "PATH" in names
+    assert "PYTEST_CURRENT_TEST" not in names
+
+
 def test_server_environment_not_leaked(bwrap_client: TestClient) -> None:
     assert "PYTEST_CURRENT_TEST" in os.environ
     answer = run_py(bwrap_client, "import os\nprint('\\n'.join(sorted(os.environ)))")
