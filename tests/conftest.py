@@ -66,10 +66,13 @@ def nox_serve(
         "NOX_POOL_SIZE": "1",
         **env,
     }
+    # Output goes to a file, not a pipe: a long-lived server's log would fill a pipe nobody
+    # reads until the end, and then block the server.
+    output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [sys.executable, "-m", "nox_api", "serve"],
         env=environ,
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -89,11 +92,13 @@ def nox_serve(
     finally:
         proc.terminate()
         try:
-            out, _ = proc.communicate(timeout=15)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
-        lines.extend(out.splitlines())
+            proc.wait()
+        output.seek(0)
+        lines.extend(output.read().splitlines())
+        output.close()
 
 
 def serve_refused(tmp_path: Path, **env: str) -> tuple[int, list[str]]:

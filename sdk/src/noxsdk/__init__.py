@@ -1,6 +1,28 @@
-"""Nox SDK: wire models shared by the Nox server, this SDK and ``noxctl``."""
+"""Nox SDK: :class:`NoxClient` and :class:`AsyncNoxClient` for the Nox HTTP API, the exception
+tree of :mod:`noxsdk.errors`, and the wire models (:mod:`noxsdk.models`) shared by the Nox
+server, this SDK and ``noxctl``."""
 
+from noxsdk._config import ClientOptions
+from noxsdk._retry import RetryEvent
 from noxsdk._version import __version__
+from noxsdk.aio import AsyncNoxClient
+from noxsdk.client import NoxClient
+from noxsdk.errors import (
+    AuthError,
+    ConflictError,
+    InsufficientStorageError,
+    InvalidRequestError,
+    NotFoundError,
+    NoxConnectionError,
+    NoxError,
+    NoxTimeoutError,
+    PayloadTooLargeError,
+    PermissionDenied,
+    QuotaExceededError,
+    RateLimitedError,
+    SandboxUnavailableError,
+    ServerError,
+)
 from noxsdk.models import (
     AuditEntry,
     AuditList,
@@ -51,14 +73,18 @@ from noxsdk.models import (
 )
 
 __all__ = [
+    "AsyncNoxClient",
     "AuditEntry",
     "AuditList",
     "AuditVerify",
+    "AuthError",
     "BackupCreate",
     "BackupInfo",
     "BackupList",
     "BackupRestored",
     "CgroupLimits",
+    "ClientOptions",
+    "ConflictError",
     "DiskUsage",
     "EffectiveLimits",
     "ErrorBody",
@@ -81,15 +107,29 @@ __all__ = [
     "HealthReport",
     "HealthStatus",
     "HistoryPage",
+    "InsufficientStorageError",
+    "InvalidRequestError",
     "LogLines",
     "Me",
     "MemoryUsage",
+    "NotFoundError",
+    "NoxClient",
+    "NoxConnectionError",
+    "NoxError",
+    "NoxTimeoutError",
+    "PayloadTooLargeError",
+    "PermissionDenied",
+    "QuotaExceededError",
+    "RateLimitedError",
     "RestoredCounts",
+    "RetryEvent",
     "RunPython",
     "RunShell",
     "SandboxBackend",
     "SandboxClean",
     "SandboxCleaned",
+    "SandboxUnavailableError",
+    "ServerError",
     "SystemResources",
     "SystemStats",
     "TokenCreate",
