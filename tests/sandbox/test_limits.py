@@ -352,3 +352,32 @@ def test_the_policy_reaches_the_limits(bwrap_client: TestClient) -> None:
         "/run_py", json={"code": "print(1)", "timeout_s": maxima.timeout_s + 1}
     )
     assert too_long.status_code == 400
+
+
+# Burns CPU, then writes a report of its own ("exit 0, no CPU") to the bootstrap's status pipe,
+# the one writable pipe it holds beside its standard streams.
+_FAKE_REPORT = """
+import os, stat, fcntl, time
+end = time.process_time() + 0.4
+while time.process_time() < end:
+    pass
+for fd in range(3, 64):
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        continue
+    if stat.S_ISFIFO(mode) and flags & os.O_ACCMODE == os.O_WRONLY:
+        os.write(fd, b"0 0.000\\n")
+time.sleep(5)
+"""
+
+
+def test_a_fake_report_cannot_hide_cpu_time_without_cgroups(data_dir: Path) -> None:
+    """Without a cgroup the bootstrap reports the CPU time; a program can write that report
+    itself. The server then counts what the kernel counted for the sandbox's processes."""
+    with own_server(data_dir, pool_size=0, sandbox_cgroups=False) as client:
+        answer = run_py(client, _FAKE_REPORT, timeout_s=10)
+    assert answer["exit_code"] == 0  # its own run's exit code is all the report may choose
+    assert answer["duration_ms"] < 3000  # the report ended the run (no 5 s sleep)
+    assert answer["cpu_ms"] >= 350, answer

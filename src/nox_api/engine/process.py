@@ -35,7 +35,7 @@ from noxsdk.models import ExecutionStatus
 
 __all__ = [
     "BASE_ENV", "Launcher", "SandboxProcess", "Stem", "bootstrap_source", "grow", "spawn",
-    "spawn_stem", "supervise",
+    "spawn_stem", "supervise", "tree_cpu_ms",
 ]  # fmt: skip
 
 _CHUNK = 65536
@@ -353,6 +353,35 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float | None]:
     return _shell_code(code), (usage.ru_utime + usage.ru_stime) * 1000.0
 
 
+def tree_cpu_ms(root: int) -> float | None:
+    """CPU time used so far by process ``root`` and every live descendant (their own and
+    their reaped children's), from ``/proc``; None when ``root`` is gone. It is what the
+    kernel counted, so a program cannot lower it; the clock tick (10 ms) is its resolution."""
+    total_ticks = 0
+    pending = [root]
+    seen: set[int] = set()
+    while pending:
+        pid = pending.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rpartition(b")")[2].split()
+            # after the name: state(3) ... utime(14) stime(15) cutime(16) cstime(17)
+            total_ticks += sum(int(v) for v in fields[11:15])
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children", "rb") as fh:
+                    pending.extend(int(child) for child in fh.read().split())
+        except (OSError, ValueError):
+            if pid == root:
+                return None
+    return total_ticks * 1000.0 / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def _shell_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
@@ -532,6 +561,8 @@ def supervise(
             # The program is over: what it left behind is killed now, without waiting.
             reported = True
             exit_code, cpu_ms = pump.reported
+            if group is None:  # no cgroup counts the CPU: do not take the program's word
+                cpu_ms = max(cpu_ms, tree_cpu_ms(sp.proc.pid) or 0.0)
             stop_reason = None
             _kill(sp, wait=False)
         else:
