@@ -5,14 +5,16 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx2
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from tests.conftest import hold_saves, write_policy
+from tests.conftest import free_port, hold_saves, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
-from nox_api.engine.base import RunSpec
+from nox_api.engine.base import Result, RunSpec
 from nox_api.engine.fake import FakeSandbox
 from nox_api.services.auditing import Caller
 from nox_api.services.policy import Policy
@@ -278,3 +280,56 @@ def test_answers_do_not_wait_for_the_history_write(client: TestClient) -> None:
     assert [item["id"] for item in page["items"]] == [answer.json()["id"]]
     audited = client.get("/api/audit", params={"action": "run"}).json()["items"]
     assert audited[0]["details"]["id"] == answer.json()["id"]
+
+
+def test_runs_waiting_for_a_slot_leave_the_other_routes_their_threads(
+    settings: Settings, admin_token: str
+) -> None:
+    """Runs have threads of their own: 50 runs held inside the sandbox (more than the 40
+    threads every synchronous route shares) must not keep a history read from answering."""
+    release = threading.Event()
+
+    def held(spec: RunSpec) -> Result:
+        release.wait(30)
+        return Result("ok", 0, b"", b"", False, False, 1.0, 1.0)
+
+    policy = write_policy(
+        settings.data_dir.parent, "rate_limits:\n  roles:\n    admin: 100000/minute\n"
+    )
+    app = create_app(settings.model_copy(update={"policy_file": policy}), sandbox=FakeSandbox(held))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {admin_token}"}
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert serving.is_alive(), "the server thread ended"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        statuses: list[int] = []
+
+        def run_one() -> None:
+            with httpx2.Client(base_url=url, headers=auth, timeout=60) as http:
+                statuses.append(http.post("/run_py", json={"code": "print(1)"}).status_code)
+
+        runners = [threading.Thread(target=run_one) for _ in range(50)]
+        for runner in runners:
+            runner.start()
+        time.sleep(1.0)  # every run is now in the server, each held or waiting for a thread
+        with httpx2.Client(base_url=url, headers=auth, timeout=10) as http:
+            began = time.monotonic()
+            assert http.get("/api/history", params={"limit": 1}).status_code == 200
+            assert time.monotonic() - began < 3.0
+        release.set()
+        for runner in runners:
+            runner.join(60)
+        assert statuses == [200] * 50
+    finally:
+        release.set()
+        server.should_exit = True
+        serving.join(30)

@@ -120,6 +120,7 @@ class Nox:
             auditor=auditor,
             changed=scanner.mark_dirty,
             background=True,
+            threads=settings.max_concurrent_runs + 8,  # 8 more may wait for a slot in a thread
         )
         history = HistoryService(db, executions.settle)
         retention = Retention(

@@ -1,15 +1,17 @@
 """``POST /run_py`` and ``POST /run_sh``: run code in the caller's workspace.
 
-The blocking part (checks, the sandbox's supervision, the quota, the answer's JSON) goes to a
-worker thread in one hop; the handlers themselves are ``async``, because FastAPI would otherwise
-hop to a thread for the handler and again to validate its answer (about 0.7 ms each on a 2-core
-machine). The run's history row and audit record are handed to the writer thread only once the
-answer has been sent (see :meth:`ExecutionService.run_held`). User code failing is still HTTP
-200; ``status`` tells how it ended.
+The blocking part (checks, the sandbox's supervision, the quota, the answer's JSON) goes to one
+of the runs' own threads in one hop; the handlers themselves are ``async``, because FastAPI would
+otherwise hop to a thread for the handler and again to validate its answer (about 0.7 ms each on
+a 2-core machine). The run's history row and audit record are handed to the writer thread only
+once the answer has been sent (see :meth:`ExecutionService.run_held`). User code failing is still
+HTTP 200; ``status`` tells how it ended.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Callable, Mapping
 
 from fastapi import APIRouter, Request
@@ -60,8 +62,28 @@ def _run(nox: Nox, caller: Caller, body: RunPython | RunShell) -> tuple[bytes, C
 async def _answer(
     request: Request, nox: Nox, caller: Caller, body: RunPython | RunShell
 ) -> Response:
-    content, keep = await run_in_threadpool(_run, nox, caller, body)
+    threads = nox.executions.threads
+    if threads is None:
+        content, keep = await run_in_threadpool(_run, nox, caller, body)
+    else:
+        # The run's own threads (see ExecutionService.threads), with this request's context
+        # (its request id reaches the run's log lines). A request cancelled while its run goes
+        # on (a server shutting down) still gets the run written once the run ends.
+        context = contextvars.copy_context()
+        done = asyncio.get_running_loop().run_in_executor(
+            threads, context.run, _run, nox, caller, body
+        )
+        try:
+            content, keep = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(_keep_when_ended)
+            raise
     return _RunAnswer(content, getattr(request.state, "rate_headers", {}), keep)
+
+
+def _keep_when_ended(done: asyncio.Future[tuple[bytes, Callable[[], None]]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result()[1]()
 
 
 @router.post(

@@ -9,6 +9,7 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -64,6 +65,7 @@ class ExecutionService:
         auditor: Auditor,
         changed: Callable[[str], None] | None = None,
         background: bool = False,
+        threads: int = 0,
     ) -> None:
         self._db = db
         self._sandbox = sandbox
@@ -77,6 +79,11 @@ class ExecutionService:
         # one writer thread, in order: not by the request's own background task, which would
         # hold its keep-alive connection (the client's next request) until it finished.
         self._writer = _Writer() if background else None
+        # Runs get threads of their own (``threads`` of them; none: the caller's): runs waiting
+        # for a sandbox slot must not take the threads every other synchronous route shares.
+        self.threads = (
+            ThreadPoolExecutor(threads, thread_name_prefix="nox-run") if threads > 0 else None
+        )
         self.observers: list[Callable[[Execution], None]] = []  # told of each finished run
 
     def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
@@ -188,7 +195,7 @@ class ExecutionService:
         if self._writer is None:
             keep()
             return execution, _nothing
-        return execution, partial(self._writer.submit, keep)
+        return execution, _once(partial(self._writer.submit, keep))
 
     def _run_admitted(
         self, spec: RunSpec, caller: Caller, workspace: str, audit: dict[str, Any]
@@ -215,7 +222,9 @@ class ExecutionService:
         return result
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what answered runs left to write, then stop the writer."""
+        """Let started runs end, write what answered runs left to write, stop the writer."""
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)
         if self._writer is not None:
             self._writer.close(timeout_s)
 
@@ -338,3 +347,15 @@ class _Pending:
 
 def _nothing() -> None:
     """``keep`` of a run whose rows were written before it was answered."""
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action``, done at the first call only: a route may reach ``keep`` twice (the answer
+    sent, and a cancelled request's clean-up), and a run is written once."""
+    done = threading.Lock()
+
+    def call() -> None:
+        if done.acquire(blocking=False):
+            action()
+
+    return call
