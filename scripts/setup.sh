@@ -15,6 +15,9 @@ command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+# node and npm build the dashboard's front-end files from ui/package-lock.json (see below).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 # The test suite also needs servers it starts itself on loopback: Redis (rate limits shared by
 # servers) and PostgreSQL (NOX_DATABASE_URL), and the Prometheus tools that check observability/.
 if [ "${NOX_SETUP_FOR:-run}" = test ]; then
@@ -25,13 +28,22 @@ if [ "${NOX_SETUP_FOR:-run}" = test ]; then
     # tests/test_postgres.py starts a throw-away PostgreSQL server of its own on loopback.
     compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || command -v pg_ctl >/dev/null 2>&1 \
         || missing+=(postgresql)
+    # tests/ui drive Debian's Chromium with Playwright (never `playwright install`).
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        apt_options=()
+        # apt verifies signatures as its unprivileged _apt user, in /tmp: where /tmp is not
+        # world-writable (seen on this kind of machine: mode 0755) that fails, so apt keeps root.
+        if [ "$(stat -c %a /tmp)" != 1777 ]; then
+            apt_options+=(-o APT::Sandbox::User=root)
+        fi
+        apt-get "${apt_options[@]}" update -qq
+        apt-get "${apt_options[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
+            >/dev/null
     else
         echo "setup: missing system packages: ${missing[*]}" >&2
         echo "setup: install them with: sudo apt-get install ${missing[*]}" >&2
@@ -52,6 +64,16 @@ stamp="$VENV/.nox-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ sdk/pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing Nox and its development tools into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ./sdk -e '.[dev]'
+    "$VENV/bin/python" -m pip install -q -e './sdk[cli]' -e '.[dev]'
     touch "$stamp"
+fi
+
+# --- the dashboard's front-end files --------------------------------------------------------
+# htmx comes from the npm registry at the versions of ui/package-lock.json; ui/build.mjs copies
+# it into src/nox_api/ui/static/vendor/ (git-ignored, packed into the wheel). Rebuilt when
+# missing or older than the lock file.
+built=src/nox_api/ui/static/vendor/VERSIONS.txt
+if [ ! -f "$built" ] || [ ui/package-lock.json -nt "$built" ] || [ ui/build.mjs -nt "$built" ]; then
+    echo "setup: building the dashboard's front-end files (npm ci in ui/)"
+    (cd ui && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
 fi

@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from tests.conftest import free_port, hold_saves, write_policy
+from tests.conftest import free_port, hold_saves, nox_of, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -333,3 +333,19 @@ def test_runs_waiting_for_a_slot_leave_the_other_routes_their_threads(
         release.set()
         server.should_exit = True
         serving.join(30)
+
+
+def test_a_record_made_after_a_runs_answer_follows_the_runs_record(client: TestClient) -> None:
+    """A run's audit record is written just after its answer; an action the client takes
+    after that answer must still come after the run in the audit log."""
+    nox = nox_of(client)
+    held = hold_saves(nox)
+    held["print('first')"] = threading.Event()
+    assert client.post("/run_py", json={"code": "print('first')"}).status_code == 200
+    threading.Timer(0.3, held["print('first')"].set).start()  # the writer is slow
+    began = time.monotonic()
+    upload = client.post("/put", files={"file": ("after.txt", b"x")})
+    assert upload.status_code == 201
+    assert time.monotonic() - began >= 0.25  # the upload's record waited for the run's
+    actions = [e["action"] for e in client.get("/api/audit", params={"limit": 2}).json()["items"]]
+    assert actions == ["file.upload", "run"]

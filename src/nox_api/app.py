@@ -29,12 +29,13 @@ from nox_api.routes import (
     system,
 )
 from nox_api.state import Nox
+from nox_api.ui import install as install_dashboard
 
 __all__ = ["create_app"]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # (method, path prefix) of the streaming upload routes, which cap their bodies themselves
-_STREAMED = (("POST", "/put"), ("PUT", "/api/files/"))
+_STREAMED = (("POST", "/put"), ("PUT", "/api/files/"), ("PUT", "/ui/files/upload/"))
 
 
 def _sane_request_id(value: str) -> bool:
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, sandbox: Sandbox | None = None)
     app.include_router(system.router)
     app.include_router(operations.router)
     app.include_router(metrics.router)
+    install_dashboard(app)  # /ui: its routes, static files and security headers
     app.add_middleware(
         BodyLimitMiddleware,
         limit=lambda: app.state.nox.request_body_limit(),  # noqa: PLW0108 - nox comes later

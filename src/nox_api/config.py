@@ -203,6 +203,25 @@ class Settings(BaseSettings):
         description="Passphrase the backup key is derived from (scrypt, memory-hard), when "
         "NOX_BACKUP_KEY is not set; 12+ characters.",
     )
+    ui_session_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Key that signs and encrypts the dashboard's session cookies and its CSRF "
+        "tokens (32+ characters); default: a random key in ui-session.key in the data folder "
+        "(mode 0600).",
+    )
+    ui_session_max_age_s: int = Field(
+        8 * 3600,
+        ge=60,
+        le=30 * 86400,
+        description="Seconds a dashboard sign-in lasts; then the token must be entered again.",
+    )
+    ui_view_max_bytes: int = Field(
+        1 * MIB,
+        ge=1024,
+        le=64 * MIB,
+        description="Bytes of a file the dashboard shows as text at most (the rest: download).",
+    )
 
     @field_validator("sandbox_python")
     @classmethod

@@ -122,6 +122,7 @@ class Nox:
             background=True,
             threads=settings.max_concurrent_runs + 8,  # 8 more may wait for a slot in a thread
         )
+        auditor.barrier = executions.audit_barrier
         history = HistoryService(db, executions.settle)
         retention = Retention(
             db,

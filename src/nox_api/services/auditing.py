@@ -182,6 +182,10 @@ class Auditor:
     def __init__(self, audit_log: AuditLog) -> None:
         self.log = audit_log
         self.observers: list[Callable[[AuditEvent], None]] = []  # told of each written event
+        # Called before each record: the server makes it wait for the records of runs already
+        # answered (written just after their answers), so the log's order follows what the
+        # clients saw. See ExecutionService.audit_barrier.
+        self.barrier: Callable[[], None] | None = None
 
     def record(
         self,
@@ -207,6 +211,8 @@ class Auditor:
             request_id=caller.request_id,
             details=details,
         )
+        if self.barrier is not None:
+            self.barrier()
         try:
             self.log.append(event)
         except Exception:

@@ -3,6 +3,7 @@ in history, answer with the :class:`~noxsdk.models.Execution`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import queue
@@ -228,6 +229,19 @@ class ExecutionService:
         if self._writer is not None:
             self._writer.close(timeout_s)
 
+    def audit_barrier(self) -> None:
+        """Wait until the records of runs answered before now are written (bounded by the
+        writer's pace, 5 s at most), so that an audit record made after them comes after
+        them in the log, as a client saw it: a run's record is written just after its answer.
+        Not in the writer thread (its own records) nor on the event loop (the runs' records
+        are handed over from there)."""
+        if self._writer is None or self._writer.is_current():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._unsaved.wait_until_written(5.0)
+
     def settle(self, timeout_s: float = 5.0) -> None:
         """Wait until every run answered before this call is in the history and the audit log
         (read-your-writes for their readers: both are written just after the answer left). Runs
@@ -299,6 +313,10 @@ class _Writer:
 
     def submit(self, work: Callable[[], None]) -> None:
         self._queue.put(work)
+
+    def is_current(self) -> bool:
+        """Whether the caller is this writer's own thread."""
+        return threading.current_thread() is self._thread
 
     def close(self, timeout_s: float) -> None:
         self._queue.put(self._STOP)
