@@ -28,6 +28,11 @@ if [ "${NOX_SETUP_FOR:-run}" = test ]; then
     # tests/test_postgres.py starts a throw-away PostgreSQL server of its own on loopback.
     compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || command -v pg_ctl >/dev/null 2>&1 \
         || missing+=(postgresql)
+    # tests/deploy: the release script behind real proxies, the units and the shell scripts.
+    command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # tests/ui drive Debian's Chromium with Playwright (never `playwright install`).
     [ -x /usr/bin/chromium ] || missing+=(chromium)
 fi
