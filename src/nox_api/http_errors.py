@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nox_api.errors import NoxError
 
-__all__ = ["UnexpectedErrors", "error_response", "install_error_handlers"]
+__all__ = ["UnexpectedErrors", "error_response", "install_error_handlers", "note_refusal"]
 
 log = logging.getLogger("nox.http")
 
@@ -56,14 +56,20 @@ def _rate_headers(request: Request) -> dict[str, str]:
     return dict(headers) if headers else {}
 
 
-async def _nox_error(request: Request, exc: Exception) -> JSONResponse:
-    exc = cast(NoxError, exc)
+def note_refusal(request: Request, exc: NoxError) -> None:
+    """What every answer of a NoxError does besides answering: log a server error, count the
+    refusal in the metrics (by code and the caller's role)."""
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
     nox = getattr(request.app.state, "nox", None)
     if nox is not None:
         principal = getattr(request.state, "principal", None)
         nox.metrics.refused(exc.code, principal.role.value if principal is not None else None)
+
+
+async def _nox_error(request: Request, exc: Exception) -> JSONResponse:
+    exc = cast(NoxError, exc)
+    note_refusal(request, exc)
     return error_response(
         exc.status, exc.code, exc.message, {**_rate_headers(request), **exc.headers}
     )

@@ -8,7 +8,6 @@ to the sign-in page (htmx requests with the ``HX-Redirect`` header).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -19,12 +18,12 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.routing import APIRoute
 
 from nox_api.errors import NoxError
+from nox_api.http_errors import note_refusal
 from nox_api.ui.access import SignInRequired
 from nox_api.ui.render import error_answer, is_htmx
 
 __all__ = ["SIGN_IN_PATH", "UiRoute", "safe_next", "sign_in_redirect"]
 
-log = logging.getLogger("nox.ui")
 
 SIGN_IN_PATH = "/ui/login"
 
@@ -75,16 +74,6 @@ def _describe(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
-def _count(request: Request, exc: NoxError) -> None:
-    """What the API's error handler does with a refusal: log a server error, count it."""
-    if exc.status >= 500:
-        log.error("%s: %s", exc.code, exc.message)
-    nox = getattr(request.app.state, "nox", None)
-    if nox is not None:
-        principal = getattr(request.state, "principal", None)
-        nox.metrics.refused(exc.code, principal.role.value if principal is not None else None)
-
-
 class UiRoute(APIRoute):
     """An APIRoute whose errors are answered for a person (see the module)."""
 
@@ -97,7 +86,7 @@ class UiRoute(APIRoute):
             except SignInRequired as exc:
                 return sign_in_redirect(request, exc.reason)
             except NoxError as exc:
-                _count(request, exc)
+                note_refusal(request, exc)
                 return error_answer(request, exc.status, exc.code, exc.message, exc.headers)
             except RequestValidationError as exc:
                 return error_answer(request, 400, "invalid_request", _describe(exc))
