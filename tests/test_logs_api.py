@@ -347,3 +347,28 @@ def test_serve_logs_to_stderr_and_the_file_and_ends_streams_on_sigterm(data_dir:
     assert ("uvicorn.error", "Application startup complete.") in messages
     assert any(logger == "nox" and "WITHOUT ANY ISOLATION" in m for logger, m in messages)
     assert token not in (data_dir / "logs" / "nox.log").read_text()
+
+
+def test_the_stream_subscribes_when_made_so_no_line_falls_between() -> None:
+    """The subscription is taken when the stream is made (before the answer's headers leave):
+    a line logged before the first event is read is in the stream. A stream closed without
+    ever being read gives its subscription back too."""
+    hub = LogHub(capacity=10)
+    hub.setFormatter(JsonFormatter())
+
+    async def scenario() -> tuple[bytes, bytes]:
+        events = hub.events()
+        assert hub.subscribers == 1
+        hub.handle(test_log.makeRecord("nox.test", logging.INFO, __file__, 1, "early", (), None))
+        first, second = await anext(events), await anext(events)
+        await events.aclose()
+        assert hub.subscribers == 0
+        unread = hub.events()
+        assert hub.subscribers == 1
+        await unread.aclose()
+        assert hub.subscribers == 0
+        return first, second
+
+    connected, early = asyncio.run(scenario())
+    assert connected == b": connected\n\n"
+    assert json.loads(early.decode().removeprefix("data: "))["event"] == "early"

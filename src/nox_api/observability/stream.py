@@ -25,9 +25,11 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 __all__ = [
+    "EventStream",
     "KEEPALIVE_S",
     "LogHub",
     "MAX_STREAM_DURATION_S",
@@ -127,12 +129,16 @@ class LogHub(logging.Handler):
         self.end_streams()
         super().close()
 
-    async def events(self, duration_s: float | None = None) -> AsyncIterator[bytes]:
-        """The event stream of one subscriber, until the consumer stops iterating (the client
+    def events(self, duration_s: float | None = None) -> EventStream:
+        """The event stream of a new subscriber, until the consumer stops iterating (the client
         went away), ``duration_s`` passed, or :meth:`end_streams`. The subscription is taken
-        on the first iteration and always given back."""
-        loop = asyncio.get_running_loop()
+        now, before the answer's headers leave: a client that logs something once it has them
+        finds that line in the stream. ``aclose()`` gives it back (also when never iterated)."""
         sub = self.subscribe()
+        return EventStream(self._events(sub, duration_s), partial(self.unsubscribe, sub))
+
+    async def _events(self, sub: Subscriber, duration_s: float | None) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
         try:
             yield b": connected\n\n"
             started = last_sent = loop.time()
@@ -161,3 +167,27 @@ class LogHub(logging.Handler):
                     return
         finally:
             self.unsubscribe(sub)
+
+
+class EventStream:
+    """One subscriber's events as an async iterator whose ``aclose()`` always gives the
+    subscription back, whether or not iterating ever began (closing a generator that never
+    started runs none of its code)."""
+
+    def __init__(self, events: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        self._events = events
+        self._release = release
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release()
