@@ -5,10 +5,11 @@ temp data folder with ``--mib`` MiB of workspace data, mixed: a few large files 
 (incompressible; ``--large-share`` of the total) and many small text files of ``--small-kib``
 KiB, then times ``BackupService.create`` and ``BackupService.restore`` (fsync'ed, real AES and
 zstd, the offline path of ``nox-api backup``). The restore is timed whole (it includes the
-automatic ``pre-restore`` backup of the state it replaces) and as its own part (unpacking and
-checking the backup, swapping it in). ``measure`` is for reuse by ``bench/run.py``.
-Target: >= 100 MB/s (10^6 bytes) of workspace data for the backup and for the restore's own
-part (exit 1 below it); the whole restore, a backup of the replaced state included, is shown too.
+automatic ``pre-restore`` backup of the state it replaces and the removal of that state) and
+as its own part: unpacking and checking the backup (beside the pre-restore backup, which runs
+in a thread of its own at the same time) and swapping it in. ``measure`` is for reuse by
+``bench/run.py``. Target: >= 100 MB/s (10^6 bytes) of workspace data for the backup and for the
+whole restore (exit 1 below it).
 """
 
 from __future__ import annotations
@@ -167,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"restore: {f.restore_s:6.2f} s = {f.restore_mb_s:6.0f} MB/s whole (with its "
         f"pre-restore backup); {f.restore_unpack_s:6.2f} s = {f.restore_unpack_mb_s:6.0f} MB/s "
-        "unpacking, checking and swapping"
+        "unpacking and checking (beside the pre-restore backup) and swapping"
     )
     low = [
         name
-        for name, value in (("backup", f.backup_mb_s), ("restore", f.restore_unpack_mb_s))
+        for name, value in (("backup", f.backup_mb_s), ("restore", f.restore_mb_s))
         if value < TARGET_MB_S
     ]
     if low:

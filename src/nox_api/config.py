@@ -138,6 +138,19 @@ class Settings(BaseSettings):
     search_file_max_bytes: int = Field(
         10 * MIB, ge=1, description="Files larger than this are searched by name only, bytes."
     )
+    file_walks_max: int = Field(
+        8,
+        ge=1,
+        description="Recursive listings and file searches running at once on this server; "
+        "more wait NOX_FILE_WALKS_WAIT_S for one to end, then get 429.",
+    )
+    file_walks_wait_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="Seconds a recursive listing or file search waits for a free walk before "
+        "it is refused with 429 (Retry-After: 1).",
+    )
     disk_free_min_mib: int = Field(
         1024,
         ge=0,

@@ -31,6 +31,8 @@ from nox_api.services.server_lock import ServerLock
 from nox_api.services.stats import StatsService
 from nox_api.services.system import SystemMonitor
 from nox_api.services.tokens import DEFAULT_WORKSPACE, TokenService
+from nox_api.services.tree_walk import WalkGate
+from nox_api.services.upload_quota import UploadQuota
 from nox_api.services.workspace_files import WorkspaceFiles
 from nox_api.storage.db import Database
 from noxsdk.models import FileInfo
@@ -51,6 +53,7 @@ class Nox:
     policy: PolicyStore
     limiter: RateLimiter
     quotas: QuotaService
+    uploads: UploadQuota
     auditor: Auditor
     executions: ExecutionService
     backups: BackupService
@@ -106,10 +109,13 @@ class Nox:
             settings.workspaces_dir, settings.staging_dir, sandbox.prepare_workspace, owner
         )
         workspaces.setup()
-        files = WorkspaceFiles(workspaces, SearchBudget.from_settings(settings))
+        files = WorkspaceFiles(
+            workspaces, SearchBudget.from_settings(settings), WalkGate.from_settings(settings)
+        )
         env_token = settings.api_token.get_secret_value() if settings.api_token else None
         tokens = TokenService(db, env_token)
         quotas = QuotaService(db, policy)
+        uploads = UploadQuota(quotas)
         scanner = StorageScanner(db, settings.workspaces_dir)
         executions = ExecutionService(
             db=db,
@@ -152,6 +158,7 @@ class Nox:
             policy=policy,
             limiter=limiter,
             quotas=quotas,
+            uploads=uploads,
             auditor=auditor,
             executions=executions,
             backups=backups,

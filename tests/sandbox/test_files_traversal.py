@@ -238,7 +238,7 @@ def test_a_folder_swapped_for_a_link_during_requests_never_leads_out(
                 assert SECRET not in resp.content, kind
                 key = (kind, *_code(resp))
                 outcomes[key] = outcomes.get(key, 0) + 1
-                if kind == "search":
+                if kind == "search" and resp.status_code == 200:
                     assert resp.json()["matches"] == []
     finally:  # the run ends within its 2 s either way; the client must outlive it
         runner.join(timeout=30)
@@ -250,6 +250,7 @@ def test_a_folder_swapped_for_a_link_during_requests_never_leads_out(
     assert not (bwrap_settings.workspaces_dir / "other" / "planted.txt").exists()
     assert _guarded(bwrap_settings) == guarded
     # every answer was one of: the folder's own file, a refusal of the link, or not there
-    allowed = {200, 201, 400, 404, 409}
+    # (or the admin's rate limit, 600/minute, which this many requests in 2 s may reach)
+    allowed = {200, 201, 400, 404, 409, 429}
     assert {status for (_kind, status, _code) in outcomes} <= allowed, outcomes
     assert requests > 20, outcomes

@@ -168,28 +168,34 @@ async def write_file(
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > server_limit:
         raise PayloadTooLarge(f"the file is larger than this server's {server_limit} bytes")
-    room = await run_in_threadpool(
-        lambda: nox.quotas.upload_room(
+    # The declared size is held against the quotas before a byte is written (else each write
+    # holds what it adds): parallel uploads cannot pass a quota together.
+    reservation = await run_in_threadpool(
+        lambda: nox.uploads.reserve(
             target_ws,
             nox.workspaces.path(target_ws),
+            size=size,
             replaced=nox.files.replaced_bytes(target_ws, path),
         )
     )
-    limit = min(server_limit, room.bytes)
-    if size is not None and size > limit:
-        raise nox.quotas.upload_refused(target_ws, room, size)
-    upload = await run_in_threadpool(nox.files.upload, target_ws, path, limit)
+    landed = False
     try:
+        limit = min(server_limit, reservation.limit)
+        upload = await run_in_threadpool(nox.files.upload, target_ws, path, limit, reservation.grow)
         try:
-            await _receive(request, upload)
-        except PayloadTooLarge:
-            if limit < server_limit:  # the quota, not the server's cap, stopped it
-                raise nox.quotas.upload_refused(target_ws, room, limit) from None
-            raise
-        info = await run_in_threadpool(upload.commit)
+            try:
+                await _receive(request, upload)
+            except PayloadTooLarge:
+                if limit < server_limit:  # the quota, not the server's cap, stopped it
+                    raise reservation.refused(limit) from None
+                raise
+            info = await run_in_threadpool(upload.commit)
+        finally:
+            await run_in_threadpool(upload.abort)
+        await run_in_threadpool(nox.record_upload, caller, target_ws, info)
+        landed = True
     finally:
-        await run_in_threadpool(upload.abort)
-    await run_in_threadpool(nox.record_upload, caller, target_ws, info)
+        await run_in_threadpool(reservation.release, landed)
     return info
 
 

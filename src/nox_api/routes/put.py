@@ -1,8 +1,11 @@
 """``POST /put``: upload one file (multipart ``file``, optional field ``path``).
 
-The body is parsed as it arrives and the file part goes straight to a staging file with a size
-cap; nothing is buffered in memory and nothing appears in the workspace until the whole upload
-succeeded, when one ``rename`` puts it in place. A failed or cut upload leaves nothing behind.
+The body is parsed as it arrives on the event loop; the file part's bytes are gathered up to a
+megabyte and written to a staging file with a size cap in a worker thread (a slow disk never
+stalls the loop), so at most about a megabyte of an upload is held in memory. Its bytes are
+held against the workspace's quotas as they come (:mod:`~nox_api.services.upload_quota`).
+Nothing appears in the workspace until the whole upload succeeded, when one ``rename`` puts it
+in place. A failed or cut upload leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ router = APIRouter(tags=["files"])
 
 _MAX_FIELD_BYTES = 4096
 _MULTIPART_OVERHEAD = 64 * 1024
+_WRITE_BYTES = 1024 * 1024  # of the file part gathered before each write (off the loop)
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -49,10 +53,11 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 
 class _Upload:
-    """State of one multipart parse: which part we are in, the path field, the file writer."""
+    """State of one multipart parse: which part we are in, the path field, the file part's
+    bytes not written yet (:meth:`take` hands them over)."""
 
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
+    def __init__(self) -> None:
+        self.pending = bytearray()
         self.header_field = b""
         self.headers: dict[bytes, bytes] = {}
         self.part: str | None = None  # "file", "path"
@@ -93,9 +98,14 @@ class _Upload:
                 f"unexpected form field {name[:60]!r}; expected 'file' and optionally 'path'"
             )
 
+    def take(self) -> bytes:
+        data = bytes(self.pending)
+        self.pending.clear()
+        return data
+
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.part == "file":
-            self.writer.write(data[start:end])
+            self.pending += data[start:end]
         elif self.part == "path":
             self.path_field += data[start:end]
             if len(self.path_field) > _MAX_FIELD_BYTES:
@@ -152,35 +162,47 @@ async def put(
     ):
         raise PayloadTooLarge(f"the upload is larger than this server's {server_limit} bytes")
     parser_boundary = _boundary(request)
-    # Walking the workspace and the database are blocking work: off the event loop.
-    room = await run_in_threadpool(
-        nox.quotas.upload_room, target_ws, nox.workspaces.path(target_ws)
+    # Walking the workspace and the database are blocking work: off the event loop. The file's
+    # size is known only once the form is read: its bytes are held against the quotas as they
+    # come (parallel uploads cannot pass a quota together).
+    reservation = await run_in_threadpool(
+        lambda: nox.uploads.reserve(target_ws, nox.workspaces.path(target_ws), size=None)
     )
-    limit = min(server_limit, room.bytes)
-    with nox.workspaces.staged_upload(limit) as writer:
-        upload = _Upload(writer)
-        parser = MultipartParser(parser_boundary, upload.callbacks())  # type: ignore[arg-type]
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-            parser.finalize()
-        except ClientDisconnect:
-            raise InvalidRequest("the client went away before the upload ended") from None
-        except MultipartParseError as exc:
-            raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
-        except PayloadTooLarge:
-            if limit < server_limit:  # the quota, not the server's cap, stopped it
-                raise nox.quotas.upload_refused(target_ws, room, limit) from None
-            raise
-        if not upload.complete:
-            raise InvalidRequest("the upload ended before the closing multipart boundary")
-        if upload.files == 0:
-            raise InvalidRequest("the form has no 'file' part (curl -F file=@NAME)")
-        target = upload.path_field.decode("utf-8", "replace") or upload.filename
-        if not target:
-            raise InvalidRequest("the file part has no name: give the target in the 'path' field")
-        # fsync and rename: blocking work, off the event loop
-        staged: StagedFile = await run_in_threadpool(writer.finish)
-        info = await run_in_threadpool(nox.workspaces.commit, target_ws, target, staged)
-    await run_in_threadpool(nox.record_upload, caller, target_ws, info)
+    landed = False
+    try:
+        limit = min(server_limit, reservation.limit)
+        with nox.workspaces.staged_upload(limit, reservation.grow) as writer:
+            upload = _Upload()
+            parser = MultipartParser(parser_boundary, upload.callbacks())  # type: ignore[arg-type]
+            try:
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                    if len(upload.pending) >= _WRITE_BYTES:
+                        await run_in_threadpool(writer.write, upload.take())
+                parser.finalize()
+                await run_in_threadpool(writer.write, upload.take())
+            except ClientDisconnect:
+                raise InvalidRequest("the client went away before the upload ended") from None
+            except MultipartParseError as exc:
+                raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
+            except PayloadTooLarge:
+                if limit < server_limit:  # the quota, not the server's cap, stopped it
+                    raise reservation.refused(limit) from None
+                raise
+            if not upload.complete:
+                raise InvalidRequest("the upload ended before the closing multipart boundary")
+            if upload.files == 0:
+                raise InvalidRequest("the form has no 'file' part (curl -F file=@NAME)")
+            target = upload.path_field.decode("utf-8", "replace") or upload.filename
+            if not target:
+                raise InvalidRequest(
+                    "the file part has no name: give the target in the 'path' field"
+                )
+            # fsync and rename: blocking work, off the event loop
+            staged: StagedFile = await run_in_threadpool(writer.finish)
+            info = await run_in_threadpool(nox.workspaces.commit, target_ws, target, staged)
+        await run_in_threadpool(nox.record_upload, caller, target_ws, info)
+        landed = True
+    finally:
+        await run_in_threadpool(reservation.release, landed)
     return info

@@ -85,36 +85,42 @@ class ArchiveStats:
 
 class _FixedSize:
     """Exactly ``size`` bytes of the file ``fd`` from offset 0, as tar needs them: a file that
-    grew meanwhile is cut at ``size``, one that shrank is padded with zeros."""
+    grew meanwhile is cut at ``size``, one that shrank is padded with zeros. Each read is a
+    view of ``buffer`` (reused: valid until the next read), as tarfile's copy loop only
+    hands it on to the compressor, which copies it."""
 
-    def __init__(self, fd: int, size: int, progress: Progress | None) -> None:
+    def __init__(self, fd: int, size: int, buffer: bytearray, progress: Progress | None) -> None:
         self._fd = fd
         self._left = size
         self._offset = 0
+        self._buffer = buffer
         self._progress = progress
 
-    def read(self, n: int = -1, /) -> bytes:
+    def read(self, n: int = -1, /) -> memoryview:
         n = self._left if n < 0 else min(n, self._left)
-        parts = []
+        if n > len(self._buffer):
+            self._buffer.extend(bytes(n - len(self._buffer)))
+        view = memoryview(self._buffer)[:n]
         got = 0
         while got < n:
-            data = os.pread(self._fd, n - got, self._offset + got)
-            if not data:
-                parts.append(bytes(n - got))
+            step = os.preadv(self._fd, [view[got:]], self._offset + got)
+            if not step:
+                view[got:] = bytes(n - got)
                 break
-            parts.append(data)
-            got += len(data)
+            got += step
         self._offset += n
         self._left -= n
         if self._progress is not None:
             self._progress(n)
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+        return view
 
 
 class ArchiveWriter:
     """A tar stream, zstd-compressed, written into ``out`` (a
     :class:`~nox_api.services.backup_format.ChunkWriter`). ``tar`` is open for callers that add
-    members of their own; :meth:`close` ends the tar and the zstd frame (not ``out``)."""
+    members of their own; :meth:`close` ends the tar and the zstd frame (not ``out``). The tar
+    goes straight into the compressor (tarfile's stream mode would re-copy a megabyte buffer
+    on every write), and file data through one reused buffer."""
 
     def __init__(self, out: Writable, progress: Progress | None = None) -> None:
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS)
@@ -122,10 +128,10 @@ class ArchiveWriter:
         self._zstd = compressor.stream_writer(
             cast(IO[bytes], out), write_size=IO_BYTES, closefd=False
         )
-        self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=self._zstd, mode="w|", format=tarfile.PAX_FORMAT, bufsize=IO_BYTES
-        )
+        # The seekable mode writes and asks tell() once; it never seeks when writing.
+        self.tar = tarfile.TarFile(fileobj=self._zstd, mode="w", format=tarfile.PAX_FORMAT)
         self.tar.copybufsize = IO_BYTES  # type: ignore[attr-defined]  # 1 MiB reads, not 16 KiB
+        self._buffer = bytearray(IO_BYTES)
         self._progress = progress
         self.stats = ArchiveStats()
 
@@ -144,7 +150,8 @@ class ArchiveWriter:
     def add_fd(self, name: str, fd: int, size: int, mode: int, mtime: float) -> None:
         """``size`` bytes of the open file ``fd`` as the regular file ``name``."""
         info = _info(name, tarfile.REGTYPE, mode, mtime, size)
-        self.tar.addfile(info, _FixedSize(fd, size, self._progress))
+        data = _FixedSize(fd, size, self._buffer, self._progress)
+        self.tar.addfile(info, cast(IO[bytes], data))  # views: only handed on to write()
 
     def add_path(self, name: str, path: Path) -> None:
         """The regular file ``path`` (never through a link)."""

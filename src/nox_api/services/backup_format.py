@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -165,6 +165,21 @@ def _read_exactly(source: BinaryIO, size: int) -> bytes:
     return data or b""
 
 
+class _ReadsInto(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def _read_into(source: _ReadsInto, view: memoryview) -> int:
+    """Fill ``view`` from ``source``; the bytes read (fewer only at its end)."""
+    done = 0
+    while done < len(view):
+        got = source.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
 def read_header(source: BinaryIO) -> tuple[bytes, dict[str, object]]:
     """The raw header (the chunks' associated data) and its fields; checks magic and version."""
     prefix = _read_exactly(source, _PREFIX.size)
@@ -196,7 +211,8 @@ def _aad(header: bytes, index: int, final: bool) -> bytes:
 class ChunkWriter:
     """A write-only stream that seals what it is given into ``out`` chunk by chunk. Call
     :meth:`finish` at the end (it writes the final chunk); ``size`` and ``sha256`` describe
-    every byte written to ``out``, header included."""
+    every byte written to ``out``, header included. The plaintext and the sealed chunk each
+    go through one buffer, reused from chunk to chunk: nothing is allocated per chunk."""
 
     def __init__(self, out: BinaryIO, keys: KeyMaterial, chunk_bytes: int = CHUNK_BYTES) -> None:
         self._out = out
@@ -215,7 +231,9 @@ class ChunkWriter:
         body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         self._header = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
         self._aead = AESGCM(file_key)
-        self._buffer = bytearray()
+        self._plain = bytearray(chunk_bytes)
+        self._used = 0
+        self._sealed = bytearray(_LENGTH.size + chunk_bytes + TAG_BYTES)
         self._index = 0
         self._hash = hashlib.sha256()
         self.size = 0
@@ -228,12 +246,19 @@ class ChunkWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.finished:
             raise ValueError("write after finish")
-        self._buffer += data
-        # Strictly more than a chunk: the last chunk, sealed as final, may be a full one.
-        while len(self._buffer) > self._chunk:
-            self._seal(bytes(self._buffer[: self._chunk]), final=False)
-            del self._buffer[: self._chunk]
-        return len(data)
+        with memoryview(data) as given:
+            view = given.cast("B")
+            size = len(view)
+            while view:
+                # Sealed only once more data follows: the last chunk, sealed as final, may be
+                # a full one.
+                if self._used == self._chunk:
+                    self._seal(final=False)
+                step = min(len(view), self._chunk - self._used)
+                self._plain[self._used : self._used + step] = view[:step]
+                self._used += step
+                view = view[step:]
+        return size
 
     def flush(self) -> None:
         return None
@@ -241,21 +266,29 @@ class ChunkWriter:
     def finish(self) -> None:
         """Seal the rest as the final chunk (empty when nothing is left)."""
         if not self.finished:
-            self._seal(bytes(self._buffer), final=True)
-            self._buffer.clear()
+            self._seal(final=True)
             self.finished = True
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def _seal(self, plain: bytes, *, final: bool) -> None:
+    def _seal(self, *, final: bool) -> None:
         nonce = self._prefix + _INDEX.pack(self._index)
-        sealed = self._aead.encrypt(nonce, plain, _aad(self._header, self._index, final))
-        self._emit(_LENGTH.pack(len(sealed)) + sealed)
+        length = self._used + TAG_BYTES
+        _LENGTH.pack_into(self._sealed, 0, length)
+        with memoryview(self._plain) as plain, memoryview(self._sealed) as sealed:
+            self._aead.encrypt_into(
+                nonce,
+                plain[: self._used],
+                _aad(self._header, self._index, final),
+                sealed[_LENGTH.size : _LENGTH.size + length],
+            )
+            self._emit(sealed[: _LENGTH.size + length])
         self._index += 1
+        self._used = 0
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | memoryview) -> None:
         self._out.write(data)
         self._hash.update(data)
         self.size += len(data)
@@ -280,6 +313,7 @@ class ChunkReader:
         self._prefix = _hex_field(self.fields, "nonce_prefix", NONCE_PREFIX_BYTES)
         self._max_sealed = chunk + TAG_BYTES
         self._aead = AESGCM(keys.derive(kdf))
+        self._sealed = bytearray(self._max_sealed)  # reused from chunk to chunk
         self._index = 0
         self._plain = b""
         self._offset = 0
@@ -318,18 +352,20 @@ class ChunkReader:
         (length,) = _LENGTH.unpack(length_bytes)
         if not TAG_BYTES <= length <= self._max_sealed:
             raise self._bad(index, f"chunk {index} has an impossible length {length}")
-        sealed = _read_exactly(self._source, length)
-        if len(sealed) < length:
-            raise BackupFormatError(f"the backup is truncated inside chunk {index}")
         nonce = self._prefix + _INDEX.pack(index)
         plain = None
         final = False
-        for final in (False, True):
-            try:
-                plain = self._aead.decrypt(nonce, sealed, _aad(self._header, index, final))
-                break
-            except InvalidTag:
-                continue
+        with memoryview(self._sealed) as whole:
+            sealed = whole[:length]
+            if _read_into(cast(_ReadsInto, self._source), sealed) < length:
+                raise BackupFormatError(f"the backup is truncated inside chunk {index}")
+            for final in (False, True):
+                try:
+                    plain = self._aead.decrypt(nonce, sealed, _aad(self._header, index, final))
+                    break
+                except InvalidTag:
+                    continue
+            sealed.release()
         if plain is None:
             raise self._bad(index, f"chunk {index} does not authenticate")
         self._index += 1

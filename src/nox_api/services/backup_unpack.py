@@ -2,26 +2,31 @@
 getting its database ready to go live (:func:`prepare_database`).
 
 :func:`extract_archive` accepts only the layout's names, only regular files and folders, every
-path plain, relative and inside the destination (its own check, then tarfile's ``data``
-filter), each file created anew (``O_EXCL | O_NOFOLLOW``), and at most ``max_bytes`` in total;
-anything else raises :class:`~nox_api.services.backup_format.BackupFormatError`.
+path plain, relative and inside the destination, each file created anew (``O_EXCL |
+O_NOFOLLOW``), and at most ``max_bytes`` in total; anything else raises
+:class:`~nox_api.services.backup_format.BackupFormatError`. A file's mode is limited as
+tarfile's ``data`` filter limits it (no set-id or sticky bits, no write for group and others).
+The destination is a new private folder in which only regular files and folders are ever made,
+so a path checked against it lexically (from its real path) cannot meet a link.
 
-Creating files is most of a restore's time on a slow file system, so a thread of its own does
-it (:class:`_FileMaker`), fed through a bounded queue (at most ``_QUEUE_ITEMS`` MiB in flight)
-while this thread decrypts, decompresses and parses.
+The tar stream is read with tarfile's seekable mode over a forward-only reader (its stream mode
+re-copies a megabyte buffer on every read: seconds per GiB). Creating files is most of a
+restore's time, so a thread of its own does it (:class:`~.restore_files.FileMaker`), fed
+through a bounded queue while this thread decrypts, decompresses and parses. Files over
+:data:`~.restore_files.DIRECT_MIN_BYTES` are decompressed straight into page-aligned buffers
+and written past the page cache (:mod:`.direct_io`); the restore then syncs the file system
+once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import io
 import json
 import os
-import queue
 import re
 import sqlite3
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -38,6 +43,8 @@ from nox_api.services.backup_archive import (
     WORKSPACES_DIR,
 )
 from nox_api.services.backup_format import BackupFormatError
+from nox_api.services.direct_io import AlignedPool
+from nox_api.services.restore_files import DIRECT_MIN_BYTES, FileMaker
 from nox_api.services.tokens import is_workspace_name
 from nox_api.storage.db import Database
 
@@ -46,9 +53,9 @@ __all__ = ["Extracted", "Readable", "extract_archive", "prepare_database"]
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_NAME_BYTES = 255
 MAX_PATH_CHARS = 4096
-_QUEUE_ITEMS = 32  # each at most IO_BYTES of file data
+_BLOCK_BYTES = 4 << 20  # one aligned buffer of a large file's data
+_POOL_BUFFERS = 6  # aligned buffers in flight at most
 _AUDIT_FILE_RE = re.compile(r"audit(?:-\d{6,})?\.jsonl")
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Owner = tuple[int, int] | None
 
@@ -83,6 +90,72 @@ class Extracted:
             if member.isfile():
                 self.files += 1
                 self.bytes += member.size
+
+
+class _Raw(io.RawIOBase):
+    """The decompressed stream as a raw file, for :class:`io.BufferedReader`."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return int(self._source.readinto(buffer))
+
+
+class _Forward:
+    """A forward-only file over the decompressed tar stream: what tarfile's seekable mode
+    needs (``tell``, ``seek`` to here or further on, ``read``), and ``readinto``, which fills
+    a large buffer straight from the decompressor."""
+
+    def __init__(self, source: Any) -> None:
+        self._buffered = io.BufferedReader(_Raw(source), IO_BYTES)
+        self._position = 0
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or offset < self._position:
+            raise tarfile.ReadError("the archive would have to be read backwards")
+        while self._position < offset:
+            skipped = self.read(min(offset - self._position, IO_BYTES))
+            if not skipped:
+                break  # the end: the next read finds nothing
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._buffered.read(size)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` (less only at the end of the stream)."""
+        done = 0
+        while done < len(buffer):
+            got = self._buffered.readinto(buffer[done:])
+            if not got:
+                break
+            done += got
+        self._position += done
+        return done
+
+    def drain(self) -> None:
+        """Read to the end (whatever follows the tar's end marker)."""
+        while self.read(IO_BYTES):
+            pass
+
+
+def _file_mode(mode: int | None) -> int:
+    """A regular file's mode as tarfile's ``data`` filter makes it: no set-id or sticky bits,
+    no write for group and others, read and write for the owner, execute only with the
+    owner's."""
+    mode = (0o600 if mode is None else mode) & 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
 
 
 def _components(name: str) -> list[str]:
@@ -144,15 +217,17 @@ def extract_archive(
     BackupFormatError on anything unexpected (``dest`` is then left, complete or not, for the
     caller to remove: nothing is written to it any more). Reads ``plain`` to its end, so every
     chunk, the final one included, is checked. Files inside a workspace are given to ``owner``
-    (uid, gid) when set."""
+    (uid, gid) when set. Nothing is synced: the caller syncs the file system."""
     out = Extracted()
     root = os.path.realpath(dest)
     zreader = zstandard.ZstdDecompressor().stream_reader(
         cast(IO[bytes], plain), read_size=IO_BYTES, read_across_frames=False, closefd=False
     )
-    maker = _FileMaker()
+    stream = _Forward(zreader)
+    pool = AlignedPool(_POOL_BUFFERS, _BLOCK_BYTES)
+    maker = FileMaker(pool)
     try:
-        with tarfile.open(fileobj=zreader, mode="r|", bufsize=IO_BYTES) as tar:
+        with tarfile.TarFile(fileobj=cast(IO[bytes], stream), mode="r") as tar:
             for member in tar:
                 parts = _check_member(member, root, first=not out.manifest)
                 out.total_bytes += member.size
@@ -162,16 +237,14 @@ def extract_archive(
                         "folder's disk can take (keeping NOX_DISK_FREE_MIN_MIB free)"
                     )
                 if member.name == MANIFEST:
-                    out.manifest = _read_manifest(tar, member)
+                    out.manifest = _read_manifest(stream, member)
                     continue
-                safe = tarfile.data_filter(member, root)  # tarfile's own rules on top of ours
                 inside = owner if parts[0] == WORKSPACES_DIR and len(parts) > 2 else None
-                _unpack_member(tar, safe, os.path.join(root, *parts), inside, maker)
+                _unpack_member(stream, member, os.path.join(root, *parts), inside, maker)
                 out.count(parts, member)
                 if progress is not None and member.size:
                     progress(member.size)
-            while zreader.read(IO_BYTES):  # whatever follows the tar's end marker
-                pass
+            stream.drain()
         while plain.read(IO_BYTES):  # up to the final chunk: a cut tail shows here
             pass
         maker.finish()
@@ -179,6 +252,7 @@ def extract_archive(
         raise BackupFormatError(f"the archive inside the backup is damaged: {exc}") from None
     finally:
         maker.stop()
+        pool.close()
     if not out.manifest:
         raise BackupFormatError("the backup holds no archive")
     if not out.has_database:
@@ -187,29 +261,37 @@ def extract_archive(
 
 
 def _unpack_member(
-    tar: tarfile.TarFile,
+    stream: _Forward,
     member: tarfile.TarInfo,
     path: str,
     owner: Owner,
-    maker: _FileMaker,
+    maker: FileMaker,
 ) -> None:
     if member.isdir():
         maker.put(("dir", path, owner))
         return
-    source = tar.extractfile(member)
-    mode = member.mode if member.mode is not None else 0o600
-    if member.size <= IO_BYTES:
-        data = source.read(member.size) if source is not None else b""
+    stream.seek(member.offset_data)
+    mode = _file_mode(member.mode)
+    if member.size <= DIRECT_MIN_BYTES:
+        data = stream.read(member.size)
         _check_length(len(data), member.size, member.name)
         maker.put(("file", path, member.name, data, mode, member.mtime, owner))
         return
     maker.put(("open", path, member.name))
+    pool = maker.pool
     left = member.size
-    while left > 0 and source is not None:
-        block = source.read(min(left, IO_BYTES))
-        _check_length(len(block), min(left, IO_BYTES), member.name)
-        maker.put(("data", block))
-        left -= len(block)
+    while left > 0:
+        buffer = pool.take()
+        try:
+            want = min(left, pool.size)
+            with memoryview(buffer) as view:
+                got = stream.readinto(view[:want])
+            _check_length(got, want, member.name)
+        except BaseException:
+            pool.give(buffer)
+            raise
+        maker.put(("data", buffer, got))  # the maker gives the buffer back
+        left -= got
     maker.put(("close", mode, member.mtime, owner))
 
 
@@ -218,115 +300,11 @@ def _check_length(got: int, wanted: int, name: str) -> None:
         raise BackupFormatError(f"the archive ends inside {name[:100]!r}")
 
 
-class _FileMaker:
-    """Creates folders and files, in order, in a thread of its own. An error there stops it;
-    :meth:`put` and :meth:`finish` raise it in the caller's thread. :meth:`stop` always ends the
-    thread (after whatever it was writing), so nothing is written once the caller moves on."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=_QUEUE_ITEMS)
-        self._error: BaseException | None = None
-        self._fd: int | None = None
-        self._thread = threading.Thread(target=self._run, name="nox-restore-files", daemon=True)
-        self._thread.start()
-
-    def put(self, item: tuple[Any, ...]) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(item)
-
-    def finish(self) -> None:
-        self.stop()
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the caller finds the error at its next put
-            try:
-                self._do(item)
-            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-                # entries that contradict each other (a file, then a folder of that name)
-                self._error = BackupFormatError(f"the archive's entries collide: {exc}")
-                self._close()
-            except (ValueError, OverflowError) as exc:  # a time or mode no file can have
-                self._error = BackupFormatError(f"the archive holds an impossible entry: {exc}")
-                self._close()
-            except OSError as exc:
-                self._error = (
-                    BackupFormatError(f"the archive holds a path too long here: {exc}")
-                    if exc.errno == errno.ENAMETOOLONG
-                    else exc
-                )
-                self._close()
-            except BaseException as exc:
-                self._error = exc
-                self._close()
-        self._close()
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _do(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "dir":
-            _, path, owner = item
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            if owner is not None:
-                os.chown(path, *owner, follow_symlinks=False)
-        elif kind == "file":
-            _, path, name, data, mode, mtime, owner = item
-            self._fd = _create(path, name)
-            _write_all(self._fd, data)
-            self._finish_file(mode, mtime, owner)
-        elif kind == "open":
-            _, path, name = item
-            self._fd = _create(path, name)
-        elif kind == "data":
-            assert self._fd is not None  # noqa: S101 - "open" came first
-            _write_all(self._fd, item[1])
-        else:
-            _, mode, mtime, owner = item
-            self._finish_file(mode, mtime, owner)
-
-    def _finish_file(self, mode: int, mtime: float, owner: Owner) -> None:
-        fd = self._fd
-        assert fd is not None  # noqa: S101
-        os.fchmod(fd, mode)
-        os.utime(fd, (mtime, mtime))
-        if owner is not None:
-            os.fchown(fd, *owner)
-        self._close()
-
-
-def _create(path: str, name: str) -> int:
-    """A new file (never through a link, never over an existing entry)."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    try:
-        return os.open(path, _CREATE, 0o600)
-    except FileExistsError:
-        raise BackupFormatError(f"the archive holds {name[:100]!r} twice") from None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict[str, Any]:
+def _read_manifest(stream: _Forward, member: tarfile.TarInfo) -> dict[str, Any]:
     if member.size > MAX_MANIFEST_BYTES:
         raise BackupFormatError("the backup's manifest is too large")
-    source = tar.extractfile(member)
-    data = source.read() if source is not None else b""
+    stream.seek(member.offset_data)
+    data = stream.read(member.size)
     try:
         manifest = json.loads(data)
     except ValueError:

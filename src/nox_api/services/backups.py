@@ -7,11 +7,14 @@ the audit log with its key file, and the workspaces (:mod:`.backup_archive`), co
 encrypted (:mod:`.backup_format`). Not in it: the backups, the staging and probe folders, the
 server logs, the policy file and the settings.
 
-A restore first unpacks and checks the whole backup into a folder inside the data folder; only
-then it takes an automatic ``pre-restore-<time>`` backup and swaps the parts in: the workspaces
-and audit folders (and ``audit.key``) by rename, the database through SQLite's backup API into
-the live database. A failing step puts the old folders back. A running server then throws its
-warm sandboxes and cached counters away and goes on with the restored audit chain.
+A restore unpacks and checks the whole backup into a folder inside the data folder while a
+thread of its own takes the automatic ``pre-restore-<time>`` backup of the present state; once
+both are done (the pre-restore backup fsync'ed, the unpacked files synced) it swaps the parts
+in: the workspaces and audit folders (and ``audit.key``) by rename, the database through
+SQLite's backup API into the live database. A failing step puts the old folders back; a failed
+unpack stops the pre-restore backup and removes it. A running server then throws its warm
+sandboxes and cached counters away and goes on with the restored audit chain. The replaced
+state is removed last, its files' unlinks on several threads (:mod:`.tree_removal`).
 
 One backup or restore runs at a time per data folder (``backups/.lock``). The server holds
 ``server.lock`` shared; an offline restore takes it exclusively, so it never runs under a server.
@@ -29,11 +32,13 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -70,8 +75,10 @@ from nox_api.services.backup_format import (
     read_header,
 )
 from nox_api.services.backup_unpack import extract_archive, prepare_database
-from nox_api.services.files import remove_tree
+from nox_api.services.direct_io import DirectWriter, open_new
+from nox_api.services.restore_files import spread_below
 from nox_api.services.server_lock import ServerLock
+from nox_api.services.tree_removal import remove_tree_fast
 from nox_api.storage.db import Database
 from nox_api.storage.models import WorkspaceStorageRow
 
@@ -167,10 +174,10 @@ def refuse_interrupted_restore(data: Path) -> None:
 def _remove_stage(stage: Path) -> None:
     """Remove a restore's staging folder. Its ``old`` part holds the replaced workspaces, which
     sandboxes still running may change: removed without following links or blocking on a FIFO
-    (:func:`~nox_api.services.files.remove_tree`)."""
+    (:func:`~nox_api.services.tree_removal.remove_tree_fast`)."""
     fd = os.open(stage.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        remove_tree(fd, stage.name)
+        remove_tree_fast(fd, stage.name)
     except OSError as exc:
         log.error("restore: could not remove %s (%s); remove it by hand", stage, exc)
     finally:
@@ -377,14 +384,20 @@ class BackupService:
             revision = database_revision(snapshot)
             # After the database: the log then holds at least the lines its checkpoint counts.
             audit_files = self.auditor.log.snapshot_files()
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                sealed = ChunkWriter(out, keys)
-                archive = ArchiveWriter(sealed, progress)
-                self._fill(archive, sealed, snapshot, revision, audit_files)
-                archive.close()
-                sealed.finish()
-                os.fsync(out.fileno())
+            fd, direct = open_new(str(partial), 0o600)
+            try:
+                out = DirectWriter(fd, direct)
+                try:
+                    sealed = ChunkWriter(cast(BinaryIO, out), keys)
+                    archive = ArchiveWriter(sealed, progress)
+                    self._fill(archive, sealed, snapshot, revision, audit_files)
+                    archive.close()
+                    sealed.finish()
+                finally:
+                    out.close()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             try:
                 os.link(partial, target)
             except FileExistsError:
@@ -449,12 +462,13 @@ class BackupService:
         data = self.settings.data_path
         stage = Path(tempfile.mkdtemp(prefix=".restore-", dir=data))
         try:
-            new = stage / "new"
-            new.mkdir(mode=0o700)
-            counts = self._unpack(path, keys, new, progress)
-            # Everything verified: keep the present state, then swap.
+            spread_below(stage)  # the unpacked tree goes where no file was deleted just now
+            new = Path(tempfile.mkdtemp(prefix="new-", dir=stage))
             pre = self._pre_restore_name()
-            info, stats = self._write(pre, keys, database, None)
+            counts, (info, stats) = self._unpack_and_keep(
+                path, keys, new, progress, pre=pre, database=database
+            )
+            # Everything verified and the present state kept: swap.
             before = _folders(self.settings.workspaces_dir)
             # On disk before it replaces the live state (after the swap the old folders are
             # deleted), and before audit writes are held: a syncfs can take seconds.
@@ -473,6 +487,50 @@ class BackupService:
         finally:
             _remove_stage(stage)
         return RestoreResult(counts, pre)
+
+    def _unpack_and_keep(
+        self,
+        path: Path,
+        keys: KeyMaterial,
+        new: Path,
+        progress: Progress | None,
+        *,
+        pre: str,
+        database: Path,
+    ) -> tuple[dict[str, int], tuple[StoredBackup, ArchiveStats]]:
+        """Unpack and check the backup into ``new`` while a thread of its own writes the
+        pre-restore backup ``pre`` of the present state (they read and write different data;
+        together they take about the time of the longer one). Returns when both are done, the
+        pre-restore backup fsync'ed and in place. When the unpack fails, the pre-restore backup
+        is stopped and whatever it wrote removed; when it fails, that error is raised: either
+        way nothing was replaced."""
+        stop = threading.Event()
+
+        def stopped(_done: int) -> None:  # the pre-restore backup's progress: a way out
+            if stop.is_set():
+                raise _Stopped
+
+        with ThreadPoolExecutor(1, thread_name_prefix="nox-pre-restore") as pool:
+            kept = pool.submit(self._write, pre, keys, database, stopped)
+            try:
+                counts = self._unpack(path, keys, new, progress)
+            except BaseException:
+                stop.set()
+                wait([kept])
+                if not kept.cancelled() and kept.exception() is None:
+                    self._remove_backup(pre)  # it ended first: no trace of a failed restore
+                raise
+            return counts, kept.result()
+
+    def _remove_backup(self, name: str) -> None:
+        target = self.path_of(name)
+        for path in (target.with_name(target.name + SUM_SUFFIX), target):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("restore: could not remove the backup %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.folder)
 
     def _unpack(
         self, path: Path, keys: KeyMaterial, new: Path, progress: Progress | None
@@ -580,6 +638,10 @@ class BackupService:
             number += 1
             name = f"pre-restore-{stamp}-{number}"
         return name
+
+
+class _Stopped(Exception):
+    """The pre-restore backup was stopped: the restore failed beside it."""
 
 
 def _as_nox_error(work: Callable[..., _T], *args: object) -> _T:

@@ -23,7 +23,7 @@ import re2
 
 from nox_api.config import Settings
 from nox_api.errors import InvalidRequest
-from nox_api.services.files import TreeEntry, TreeWalk
+from nox_api.services.tree_walk import TreeEntry, TreeWalk
 from noxsdk.models import FileMatch, FileSearch, FileSearchResult
 
 __all__ = [
@@ -211,7 +211,7 @@ def _read(item: TreeEntry, file_max: int, bytes_left: int) -> tuple[bytes | None
     first :data:`SNIFF_BYTES`, the only part then read). Raises :class:`_Stop` when the file
     does not fit in what the byte budget has left."""
     try:
-        fd = os.open(item.entry.name, _READ_FLAGS, dir_fd=item.dir_fd)
+        fd = os.open(item.raw, _READ_FLAGS, dir_fd=item.dir_fd)
     except OSError:
         return None, 0
     chunks: list[bytes] = []

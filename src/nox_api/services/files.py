@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import BinaryIO, Literal
 
-from nox_api.errors import Conflict, InvalidPath, PayloadTooLarge
+from nox_api.errors import Conflict, InvalidPath, NotFound, NoxError, PayloadTooLarge
 from nox_api.services.tokens import validate_workspace_name
 from noxsdk.models import FileInfo
 
@@ -30,14 +30,15 @@ __all__ = [
     "CappedWriter",
     "DIR_FLAGS",
     "EntryKind",
+    "Grow",
     "MAX_DEPTH",
     "MAX_NAME_BYTES",
     "MAX_PATH_CHARS",
     "StagedFile",
-    "TreeEntry",
-    "TreeWalk",
     "Workspaces",
     "modified_at",
+    "race_error",
+    "race_errors",
     "remove_tree",
     "split_path",
     "uploaded_info",
@@ -45,8 +46,9 @@ __all__ = [
 
 MAX_PATH_CHARS = 4096
 MAX_NAME_BYTES = 255
-MAX_DEPTH = 256  # folders below a listed or searched one that walks enter at most
+MAX_DEPTH = 256  # folders below a listed, searched or removed one that walks enter at most
 EntryKind = Literal["file", "dir", "symlink"]
+Grow = Callable[[int], None]  # told an upload's size before each write; raises to refuse
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -137,6 +139,35 @@ def remove_tree(dir_fd: int, name: str) -> None:
             os.close(fd)
 
 
+_RACES = (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR)
+
+
+def race_error(exc: OSError, path: str, *, writing: bool = False) -> NoxError | None:
+    """The answer to ``exc`` when a run or another request changed ``path`` between a check
+    and the act: a file or folder gone is 404 (409 for a write, whose target need not exist:
+    a folder of its path went away); one that appeared, became a folder or a file, or got
+    content is 409. None for other errors."""
+    if isinstance(exc, FileNotFoundError):
+        if writing:
+            return Conflict(f"a folder of {path} was removed while it was written; send it again")
+        return NotFound(f"{path} was removed while this request ran")
+    if exc.errno in _RACES:
+        return Conflict(f"{path} changed while this request ran ({exc.strerror or exc}); try again")
+    return None
+
+
+@contextmanager
+def race_errors(path: str, *, writing: bool = False) -> Iterator[None]:
+    """:func:`race_error`'s answer for an error of the block; other errors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        answer = race_error(exc, path, writing=writing)
+        if answer is None:
+            raise
+        raise answer from None
+
+
 def modified_at(st: os.stat_result) -> datetime:
     """A file's modification time; one set out of datetime's range by sandboxed code (``os.utime``
     to the year 40000, which tmpfs keeps) is clamped instead of failing the request."""
@@ -207,10 +238,10 @@ class Workspaces:
 
     # -- uploads -----------------------------------------------------------------------------
     @contextmanager
-    def staged_upload(self, max_bytes: int) -> Iterator[CappedWriter]:
+    def staged_upload(self, max_bytes: int, grow: Grow | None = None) -> Iterator[CappedWriter]:
         """A writer into a new staging file; the file is deleted unless committed."""
         fd, name = tempfile.mkstemp(prefix="upload-", dir=self.staging)
-        writer = CappedWriter(os.fdopen(fd, "wb"), Path(name), max_bytes)
+        writer = CappedWriter(os.fdopen(fd, "wb"), Path(name), max_bytes, grow)
         try:
             yield writer
         finally:
@@ -222,25 +253,26 @@ class Workspaces:
         """Move a staged upload to ``rel`` in the workspace, creating parent folders; atomic."""
         parts = split_path(rel)
         base = self.path(workspace)
-        dir_fd = self._open_dir(base, parts[:-1], create=True)
-        try:
-            if self._owner is not None:
-                os.chown(staged.path, *self._owner)
-            os.chmod(staged.path, 0o644)
+        if self._owner is not None:
+            os.chown(staged.path, *self._owner)
+        os.chmod(staged.path, 0o644)
+        # Stat'ed in the root-only staging folder, before the rename: once in the workspace
+        # a run may rename or delete it at once (a stat after would fail the upload).
+        st = os.stat(staged.path, follow_symlinks=False)
+        with race_errors("/".join(parts), writing=True):
+            dir_fd = self._open_dir(base, parts[:-1], create=True)
             try:
-                existing = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                existing = None
-            if existing is not None and stat.S_ISDIR(existing.st_mode):
-                raise Conflict(
-                    f"{'/'.join(parts)} is a folder; delete it first or choose another path"
-                )
-            # Stat'ed in the root-only staging folder, before the rename: once in the workspace
-            # a run may rename or delete it at once (a stat after would fail the upload).
-            st = os.stat(staged.path, follow_symlinks=False)
-            os.rename(staged.path, parts[-1], dst_dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
+                try:
+                    existing = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    existing = None
+                if existing is not None and stat.S_ISDIR(existing.st_mode):
+                    raise Conflict(
+                        f"{'/'.join(parts)} is a folder; delete it first or choose another path"
+                    )
+                os.rename(staged.path, parts[-1], dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
         return uploaded_info(parts, st, staged.sha256)
 
     # -- the resolver ------------------------------------------------------------------------
@@ -313,19 +345,25 @@ def _not_a_folder(fd: int, part: str, where: str) -> str:
 
 
 class CappedWriter:
-    """Writes a file of at most ``max_bytes`` (:class:`PayloadTooLarge` past it), hashing it."""
+    """Writes a file of at most ``max_bytes`` (:class:`PayloadTooLarge` past it), hashing it.
+    ``grow``, when given, is told the size each write would bring the file to, before the
+    write; it may refuse by raising (a quota reservation, see :mod:`.upload_quota`)."""
 
-    def __init__(self, fh: BinaryIO, path: Path, max_bytes: int) -> None:
+    def __init__(self, fh: BinaryIO, path: Path, max_bytes: int, grow: Grow | None = None) -> None:
         self.fh = fh
         self.path = path
         self.max_bytes = max_bytes
         self.size = 0
+        self._grow = grow
         self._hash = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.max_bytes:
+        size = self.size + len(data)
+        if size > self.max_bytes:
             raise PayloadTooLarge(f"the file is larger than the limit of {self.max_bytes} bytes")
+        if self._grow is not None:
+            self._grow(size)
+        self.size = size
         self._hash.update(data)
         self.fh.write(data)
 
@@ -339,104 +377,3 @@ class CappedWriter:
         digest = self.sync()
         self.fh.close()
         return StagedFile(self.path, self.size, digest)
-
-
-class TreeEntry(NamedTuple):  # a tuple: made once per entry of a walk, it must be cheap
-    """One entry met by :class:`TreeWalk`. ``path`` and ``name`` are for showing (a name that
-    is not UTF-8 gets U+FFFD in place of its bad bytes); open or stat ``entry.name`` relative to
-    ``dir_fd``, which is valid while this is the current entry of the walk."""
-
-    path: str
-    name: str
-    kind: EntryKind
-    dir_fd: int
-    entry: os.DirEntry[str]
-
-
-class TreeWalk:
-    """The entries below a folder descriptor, sorted by name, folders before their content,
-    never following a link: each folder is entered with ``O_NOFOLLOW`` from its parent's
-    descriptor. Other kinds (FIFOs, sockets) are left out. Folders deeper than ``max_depth``
-    below the start are not entered and set :attr:`cut`."""
-
-    def __init__(
-        self, fd: int, above: Sequence[str], *, recursive: bool, max_depth: int | None = None
-    ) -> None:
-        self._fd = fd
-        self._above = list(above)
-        self._recursive = recursive
-        self._max_depth = MAX_DEPTH if max_depth is None else max_depth
-        self.cut = False
-
-    def __iter__(self) -> Iterator[TreeEntry]:
-        first = os.dup(self._fd)
-        stack: list[tuple[int, list[str], Iterator[os.DirEntry[str]]]] = []
-        try:
-            stack.append((first, self._above, iter(_sorted_entries(first))))
-        except BaseException:
-            os.close(first)
-            raise
-        try:
-            while stack:
-                dir_fd, above, entries = stack[-1]
-                entry = next(entries, None)
-                if entry is None:
-                    os.close(dir_fd)
-                    stack.pop()
-                    continue
-                kind = _kind(entry)
-                if kind is None:
-                    continue
-                name = _printable(entry.name)
-                parts = [*above, name]
-                yield TreeEntry("/".join(parts), name, kind, dir_fd, entry)
-                if kind != "dir" or not self._recursive:
-                    continue
-                if len(stack) > self._max_depth:
-                    self.cut = True
-                    continue
-                child = _open_child(dir_fd, entry.name)
-                if child is not None:
-                    try:
-                        stack.append((child, parts, iter(_sorted_entries(child))))
-                    except OSError:
-                        os.close(child)
-        finally:
-            for dir_fd, _above, _entries in stack:
-                os.close(dir_fd)
-
-
-def _printable(name: str) -> str:
-    """``name`` as valid UTF-8 text: bytes that were not UTF-8 (kept by the file system
-    encoding as lone surrogates) become U+FFFD."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return name
-
-
-def _sorted_entries(fd: int) -> list[os.DirEntry[str]]:
-    with os.scandir(fd) as it:
-        return sorted(it, key=lambda e: e.name)
-
-
-def _kind(entry: os.DirEntry[str]) -> EntryKind | None:
-    try:
-        if entry.is_symlink():
-            return "symlink"
-        if entry.is_dir(follow_symlinks=False):
-            return "dir"
-        if entry.is_file(follow_symlinks=False):
-            return "file"
-    except OSError:  # gone meanwhile
-        pass
-    return None
-
-
-def _open_child(dir_fd: int, name: str) -> int | None:
-    """The folder ``name`` below ``dir_fd``, or None when it went away or became a link."""
-    try:
-        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return None

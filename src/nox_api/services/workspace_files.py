@@ -22,13 +22,16 @@ from nox_api.errors import Conflict, InvalidPath, InvalidRequest, NotFound, NoxE
 from nox_api.services.file_search import SearchBudget, search_tree
 from nox_api.services.files import (
     CappedWriter,
-    TreeWalk,
+    Grow,
     Workspaces,
     modified_at,
+    race_error,
+    race_errors,
     remove_tree,
     split_path,
     uploaded_info,
 )
+from nox_api.services.tree_walk import TreeWalk, WalkGate
 from noxsdk.models import FileInfo, FileList, FileSearch, FileSearchResult
 
 __all__ = ["FileUpload", "LIST_MAX_ENTRIES", "OpenFile", "UPLOAD_PREFIX", "WorkspaceFiles"]
@@ -51,15 +54,26 @@ class OpenFile:
 
 
 class WorkspaceFiles:
-    def __init__(self, workspaces: Workspaces, budget: SearchBudget) -> None:
+    """The Files API's operations. ``walks`` bounds the recursive listings and searches that
+    run at once."""
+
+    def __init__(self, workspaces: Workspaces, budget: SearchBudget, walks: WalkGate) -> None:
         self._ws = workspaces
         self.budget = budget
+        self.walks = walks
 
     # -- list ---------------------------------------------------------------------------------
     def listing(self, workspace: str, rel: str, recursive: bool) -> FileList:
-        """The entries of folder ``rel`` ("" or "." for the workspace), or of its whole tree."""
+        """The entries of folder ``rel`` ("" or "." for the workspace), or of its whole tree:
+        at most :data:`LIST_MAX_ENTRIES`, the first in name order (then ``truncated``)."""
         parts = split_path(rel, root=True)
         path = "/".join(parts)
+        if not recursive:
+            return self._list(workspace, parts, path, recursive=False)
+        with self.walks.turn():
+            return self._list(workspace, parts, path, recursive=True)
+
+    def _list(self, workspace: str, parts: list[str], path: str, *, recursive: bool) -> FileList:
         try:
             fd = self._folder(workspace, parts)
         except NotFound:
@@ -67,29 +81,32 @@ class WorkspaceFiles:
                 raise
             return FileList(path="", entries=[], truncated=False)  # a workspace never used
         entries: list[dict[str, object]] = []  # validated at once below: 3x faster
-        truncated = False
+        cap = LIST_MAX_ENTRIES
+        capped = False
         try:
-            walk = TreeWalk(fd, parts, recursive=recursive)
-            for item in walk:
-                if len(entries) >= LIST_MAX_ENTRIES:
-                    truncated = True
-                    break
-                try:
-                    st = item.entry.stat(follow_symlinks=False)
-                except OSError:  # removed meanwhile
-                    continue
-                entries.append(
-                    {
-                        "path": item.path,
-                        "name": item.name,
-                        "type": item.kind,
-                        "size": 0 if item.kind == "dir" else st.st_size,
-                        "modified": modified_at(st),
-                    }
-                )
-            truncated = truncated or walk.cut
+            # one more than the cap: its presence says the listing was cut
+            walk = TreeWalk(fd, parts, recursive=recursive, limit=cap + 1)
+            with race_errors(path or "the workspace"):
+                for item in walk:
+                    if len(entries) >= cap:
+                        capped = True
+                        break
+                    try:
+                        st = os.stat(item.raw, dir_fd=item.dir_fd, follow_symlinks=False)
+                    except OSError:  # removed meanwhile
+                        continue
+                    entries.append(
+                        {
+                            "path": item.path,
+                            "name": item.name,
+                            "type": item.kind,
+                            "size": 0 if item.kind == "dir" else st.st_size,
+                            "modified": modified_at(st),
+                        }
+                    )
         finally:
             os.close(fd)
+        truncated = capped or walk.cut
         return FileList.model_validate({"path": path, "entries": entries, "truncated": truncated})
 
     # -- read ---------------------------------------------------------------------------------
@@ -107,6 +124,9 @@ class WorkspaceFiles:
                 raise InvalidPath(_link(path)) from None
             if exc.errno == errno.ENXIO:  # a socket
                 raise InvalidRequest(f"{path} is not a regular file") from None
+            answer = race_error(exc, path)
+            if answer is not None:
+                raise answer from None
             raise
         finally:
             os.close(dir_fd)
@@ -140,23 +160,27 @@ class WorkspaceFiles:
             os.close(dir_fd)
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
-    def upload(self, workspace: str, rel: str, max_bytes: int) -> FileUpload:
+    def upload(
+        self, workspace: str, rel: str, max_bytes: int, grow: Grow | None = None
+    ) -> FileUpload:
         """Start writing ``rel``: checked now (bad path, a folder in the way), made visible by
         :meth:`FileUpload.commit` only. Use it as a context manager: leaving it uncommitted
-        removes the temporary file."""
+        removes the temporary file. ``grow`` is told the size each write would bring the file
+        to, before the write (it may refuse: a quota reservation)."""
         parts = split_path(rel)
-        root = self._ws.open_root(workspace)
-        try:
-            dir_fd, depth = self._deepest(root, parts[:-1])
-        finally:
-            os.close(root)
-        try:
-            if depth == len(parts) - 1:
-                _refuse_folder(dir_fd, parts)
-            return FileUpload(self._ws, dir_fd, parts, depth, max_bytes)
-        except BaseException:
-            os.close(dir_fd)
-            raise
+        with race_errors("/".join(parts), writing=True):
+            root = self._ws.open_root(workspace)
+            try:
+                dir_fd, depth = self._deepest(root, parts[:-1])
+            finally:
+                os.close(root)
+            try:
+                if depth == len(parts) - 1:
+                    _refuse_folder(dir_fd, parts)
+                return FileUpload(self._ws, dir_fd, parts, depth, max_bytes, grow=grow)
+            except BaseException:
+                os.close(dir_fd)
+                raise
 
     def _deepest(self, root: int, folders: list[str]) -> tuple[int, int]:
         """A descriptor of the deepest of ``folders`` that exists, and how many exist."""
@@ -186,24 +210,30 @@ class WorkspaceFiles:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 raise NotFound(f"{path} does not exist") from None
-            if not stat.S_ISDIR(st.st_mode):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=dir_fd)
-                return path, "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-            if not recursive:
-                try:
-                    os.rmdir(name, dir_fd=dir_fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise Conflict(
-                            f"{path} is a folder that is not empty; delete it with recursive=true"
-                        ) from None
-                    raise
-                return path, "dir"
-            _remove_tree(dir_fd, name, path)
-            return path, "dir"
+            with race_errors(path):
+                return self._delete(dir_fd, name, path, st, recursive)
         finally:
             os.close(dir_fd)
+
+    def _delete(
+        self, dir_fd: int, name: str, path: str, st: os.stat_result, recursive: bool
+    ) -> tuple[str, str]:
+        """Remove what ``st`` described (a run may have changed it since)."""
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+            return path, "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+        if not recursive:
+            try:
+                os.rmdir(name, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise Conflict(
+                        f"{path} is a folder that is not empty; delete it with recursive=true"
+                    ) from None
+                raise
+            return path, "dir"
+        _remove_tree(dir_fd, name, path)
+        return path, "dir"
 
     # -- search -------------------------------------------------------------------------------
     def search(self, workspace: str, request: FileSearch) -> FileSearchResult:
@@ -212,7 +242,8 @@ class WorkspaceFiles:
         except FileNotFoundError:  # never used: nothing to find (the request is still checked)
             return search_tree(None, request, self.budget)
         try:
-            return search_tree(root, request, self.budget)
+            with self.walks.turn():
+                return search_tree(root, request, self.budget)
         finally:
             os.close(root)
 
@@ -242,7 +273,14 @@ class FileUpload:
     target by :meth:`commit`. Until then nothing else in the workspace changes."""
 
     def __init__(
-        self, workspaces: Workspaces, dir_fd: int, parts: list[str], depth: int, max_bytes: int
+        self,
+        workspaces: Workspaces,
+        dir_fd: int,
+        parts: list[str],
+        depth: int,
+        max_bytes: int,
+        *,
+        grow: Grow | None = None,
     ) -> None:
         self._ws = workspaces
         self._dir_fd = dir_fd  # owned: closed by commit or abort
@@ -250,7 +288,7 @@ class FileUpload:
         self._depth = depth  # parts[:depth] exist; parts[depth:-1] are made by commit
         self._temp = f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(self._temp, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
-        self.writer = CappedWriter(os.fdopen(fd, "wb"), Path(self._temp), max_bytes)
+        self.writer = CappedWriter(os.fdopen(fd, "wb"), Path(self._temp), max_bytes, grow)
         self._done = False
 
     def __enter__(self) -> FileUpload:
@@ -273,21 +311,22 @@ class FileUpload:
         os.fchmod(fh.fileno(), 0o644)
         st = os.fstat(fh.fileno())
         fh.close()
-        target_fd = self._ws.descend(
-            self._dir_fd, parts[self._depth : -1], create=True, above=parts[: self._depth]
-        )
-        try:
-            _refuse_folder(target_fd, parts)
+        with race_errors("/".join(parts), writing=True):
+            target_fd = self._ws.descend(
+                self._dir_fd, parts[self._depth : -1], create=True, above=parts[: self._depth]
+            )
             try:
-                os.rename(self._temp, parts[-1], src_dir_fd=self._dir_fd, dst_dir_fd=target_fd)
-            except FileNotFoundError:
-                raise Conflict(
-                    f"{'/'.join(parts)} changed while it was written (its temporary file "
-                    "went away); send it again"
-                ) from None
-            self._done = True
-        finally:
-            os.close(target_fd)
+                _refuse_folder(target_fd, parts)
+                try:
+                    os.rename(self._temp, parts[-1], src_dir_fd=self._dir_fd, dst_dir_fd=target_fd)
+                except FileNotFoundError:
+                    raise Conflict(
+                        f"{'/'.join(parts)} changed while it was written (its temporary file "
+                        "went away); send it again"
+                    ) from None
+                self._done = True
+            finally:
+                os.close(target_fd)
         return uploaded_info(parts, st, digest)
 
     def abort(self) -> None:
