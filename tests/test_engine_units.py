@@ -214,3 +214,47 @@ def test_quiet_gate_never_starves_housekeeping() -> None:
         gate.wait()
         took = time.monotonic() - began
     assert 0.15 <= took < 1.0
+
+
+def test_a_pool_emptied_by_runs_back_to_back_refills_without_waiting_for_quiet(
+    tmp_path: Path,
+) -> None:
+    """While runs go on, a refill waits for a quiet moment (at most max_wait_s); a queue that
+    runs empty is refilled at once, or its next run starts a sandbox on its own path."""
+    from nox_api.engine.quiet import QuietGate
+
+    gate = QuietGate(grace_s=0.05, max_wait_s=5.0)
+    pool = WarmPool(_FakeProcess, size=2, idle_s=60, max_workspaces=4, quiet=gate)
+    try:
+        pool.prewarm(tmp_path)
+        _wait_for(lambda: pool.stats().ready == 2)
+        with gate.busy():  # a run that never ends: the gate is never quiet
+            assert pool.take(tmp_path) is not None  # one left: the refill waits for quiet
+            time.sleep(0.3)
+            assert pool.stats().ready == 1
+            with gate.busy():  # the next run takes the last one
+                assert pool.take(tmp_path) is not None
+                began = time.monotonic()
+                _wait_for(lambda: pool.stats().ready >= 1, timeout=2.0)
+                assert time.monotonic() - began < 1.0  # not the gate's 5 s
+    finally:
+        pool.close()
+
+
+def test_quiet_gate_returns_when_the_wait_turns_urgent() -> None:
+    from nox_api.engine.quiet import QuietGate
+
+    gate = QuietGate(grace_s=0.05, max_wait_s=5.0)
+    urgent = threading.Event()
+
+    def another_run_starts() -> None:
+        urgent.set()
+        with gate.busy():  # a run starting is when the gate looks again
+            pass
+
+    with gate.busy():
+        threading.Timer(0.2, another_run_starts).start()
+        began = time.monotonic()
+        gate.wait(urgent=urgent.is_set)
+        took = time.monotonic() - began
+    assert 0.15 <= took < 2.0

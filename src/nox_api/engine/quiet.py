@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["QuietGate"]
@@ -32,6 +32,7 @@ class QuietGate:
         """Mark a run as going for the duration of the block."""
         with self._changed:
             self._busy += 1
+            self._changed.notify_all()  # a waiting refill checks whether it became urgent
         try:
             yield
         finally:
@@ -40,13 +41,14 @@ class QuietGate:
                 self._last_end = time.monotonic()
                 self._changed.notify_all()
 
-    def wait(self) -> None:
-        """Block until the engine has been idle for ``grace_s``, or ``max_wait_s`` passed."""
+    def wait(self, urgent: Callable[[], bool] | None = None) -> None:
+        """Block until the engine has been idle for ``grace_s``, or ``max_wait_s`` passed, or
+        ``urgent()`` turns true (checked whenever a run starts or ends)."""
         deadline = time.monotonic() + self.max_wait_s
         with self._changed:
             while True:
                 now = time.monotonic()
-                if now >= deadline:
+                if now >= deadline or (urgent is not None and urgent()):
                     return
                 if self._busy:
                     self._changed.wait(deadline - now)
