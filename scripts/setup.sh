@@ -35,6 +35,16 @@ if [ "${NOX_SETUP_FOR:-run}" = test ]; then
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # tests/ui drive Debian's Chromium with Playwright (never `playwright install`).
     [ -x /usr/bin/chromium ] || missing+=(chromium)
+    # tests/container build and run the image with rootful podman (runc; netavark, aardvark-dns
+    # and iptables: published ports and service names), the base image from debootstrap, the
+    # compose file with podman-compose; as another user they are skipped.
+    if [ "$(id -u)" -eq 0 ]; then
+        command -v podman >/dev/null 2>&1 || missing+=(podman netavark aardvark-dns iptables)
+        command -v runc >/dev/null 2>&1 || missing+=(runc)
+        [ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null 2>&1 \
+            || missing+=(debootstrap)
+        command -v podman-compose >/dev/null 2>&1 || missing+=(podman-compose)
+    fi
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
