@@ -293,6 +293,11 @@ class Load:
     max_s: float = 90.0
     max_requests: int = 50_000
     failures: list[str] = field(default_factory=list)
+    # Requests sent again once because the proxy closed a kept-alive connection just as they
+    # went out (a reload closes its idle connections): what HTTP/1.1 clients do with idempotent
+    # requests (RFC 9112, 9.3.1; Go's client, the Nox SDK and noxctl do it). Only these errors,
+    # only once: a second failure, or any other error, is a failure.
+    resent: list[str] = field(default_factory=list)
     answered_by: Counter[str] = field(default_factory=Counter)
     versions: Counter[str] = field(default_factory=Counter)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -308,8 +313,8 @@ class Load:
                     if self.total >= self.max_requests:
                         return
                 try:
-                    health = client.get(f"{self.url}/health")
-                    me = client.get(f"{self.url}/api/me", headers=headers)
+                    health = self._get(client, f"{self.url}/health", {})
+                    me = self._get(client, f"{self.url}/api/me", headers)
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -321,6 +326,14 @@ class Load:
                         self.answered_by[resp.headers.get("x-nox-upstream", "?")] += 1
                     if health.status_code == 200:
                         self.versions[health.json()["version"]] += 1
+
+    def _get(self, client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
+        try:
+            return client.get(url, headers=headers)
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            with self._lock:
+                self.resent.append(f"{type(exc).__name__}: {exc}")
+            return client.get(url, headers=headers)
 
     @property
     def total(self) -> int:

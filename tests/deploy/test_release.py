@@ -73,6 +73,8 @@ def test_release_switches_under_load_and_rolls_back_failures(stack: Stack) -> No
     assert done.returncode == 0, done.stdout + done.stderr
     assert "released: green is live" in done.stdout
     assert load.failures == [], load.failures[:5]
+    # kept-alive connections the reload closed under a request: resent once, and rare
+    assert len(load.resent) <= max(2, load.total // 100), load.resent[:5]
     assert load.answered_by[f"127.0.0.1:{blue_port}"] > 0
     assert load.answered_by[f"127.0.0.1:{green_port}"] > 0
     assert set(load.versions) == {"1.0.0-blue", "2.0.0-green"}
@@ -81,7 +83,10 @@ def test_release_switches_under_load_and_rolls_back_failures(stack: Stack) -> No
     assert after.headers["x-nox-upstream"] == f"127.0.0.1:{green_port}"
     assert green_port in stack.upstream_file.read_text()
     assert not _colour_running(stack, "blue")
-    print(f"{stack.kind}: release took {took:.1f} s, {load.total} requests, 0 failed")
+    print(
+        f"{stack.kind}: release took {took:.1f} s, {load.total} requests, 0 failed, "
+        f"{len(load.resent)} resent on a closed kept-alive connection"
+    )
 
     # 2. a build whose detailed health answers 503: rolled back, traffic untouched
     make_colour(home, "blue", "3.0.0-blue", broken="unhealthy")
