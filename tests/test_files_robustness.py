@@ -325,6 +325,32 @@ def test_a_folder_removed_before_the_upload_starts_writing_is_409(
     assert not (ws / "dir").exists()
 
 
+def test_a_parent_folder_removed_each_time_it_is_made_is_409(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recursive delete racing an upload removes each new parent folder right after it was
+    made (and given to the sandbox user): the upload gives up after a few turns with 409, not
+    400 or 500."""
+    ws = _ws(settings)
+    real_chown = os.chown
+    made: list[str] = []
+
+    def chown_then_removed(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_chown(path, *args, **kwargs)
+        if str(path) == "doomed":
+            made.append("doomed")
+            os.rmdir(path, dir_fd=kwargs.get("dir_fd"))
+
+    monkeypatch.setattr(os, "chown", chown_then_removed)
+    resp = client.put("/api/files/doomed/f.txt", content=b"x")
+    assert len(made) == 3, resp.text
+    assert _error(resp, 409, "conflict") == (
+        "doomed was removed while it was being created; try again"
+    )
+    assert not (ws / "doomed").exists()
+    assert _temp_files(settings.data_path) == []
+
+
 def test_concurrent_writes_deletes_and_listings_of_one_tree_never_fail_500(
     data_dir: Path, fake: FakeSandbox
 ) -> None:

@@ -316,7 +316,7 @@ class Workspaces:
             os.close(fd)
 
     def _step(self, fd: int, part: str, create: bool, where: str) -> int:
-        for _attempt in range(2):
+        for _attempt in range(3):
             try:
                 return os.open(part, DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
@@ -330,7 +330,9 @@ class Workspaces:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                     raise InvalidPath(_not_a_folder(fd, part, where)) from None
                 raise
-        raise InvalidPath(f"{where} could not be created")
+        # made, then removed again before it could be opened, every time: a run or another
+        # request is deleting this tree right now (the same answer as the other races: 409)
+        raise Conflict(f"{where} was removed while it was being created; try again")
 
 
 def _not_a_folder(fd: int, part: str, where: str) -> str:
