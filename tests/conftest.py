@@ -101,6 +101,32 @@ def nox_serve(
         output.close()
 
 
+@contextmanager
+def uvicorn_serving(app: Any) -> Iterator[tuple[str, Any]]:
+    """``app`` served by uvicorn in a thread of this process, on 127.0.0.1 and a port of the
+    kernel's choice (for tests that need real connections to an app they build themselves):
+    its base URL and the ``uvicorn.Server``; stopped, and checked to have stopped, at the end."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped during start-up"
+            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
 def serve_refused(tmp_path: Path, **env: str) -> tuple[int, list[str]]:
     """``nox-api serve`` with only ``env`` (and a data folder): its exit code and stderr lines,
     for settings that must stop it before it starts."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 import tracemalloc
@@ -18,9 +17,8 @@ from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
-from tests.conftest import _token, nox_of, write_policy
+from tests.conftest import _token, nox_of, uvicorn_serving, write_policy
 from tests.conftest import error_message as _error
 from tests.test_files_api import _auth, _temp_files, _tree, _ws
 
@@ -403,23 +401,8 @@ def test_concurrent_writes_deletes_and_listings_of_one_tree_never_fail_500(
 def _served(settings: Settings) -> Iterator[tuple[str, TestClient | Any]]:
     """The app on uvicorn in a thread, on 127.0.0.1; its base URL and its parts."""
     app = create_app(settings, sandbox=FakeSandbox())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped during start-up"
-            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.nox
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with uvicorn_serving(app) as (url, _server):
+        yield url, app.state.nox
 
 
 def _slow(size: int, steps: int = 10, pause_s: float = 0.02) -> Iterator[bytes]:

@@ -8,21 +8,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from tests.conftest import free_port, nox_serve
+from tests.conftest import free_port, nox_serve, uvicorn_serving
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -234,28 +229,6 @@ def test_a_slow_subscriber_costs_a_bounded_queue_and_hears_of_the_drops() -> Non
     assert [d["event"] for d in later] == ["m0", "m1", "m2"]  # no drops once it keeps up
 
 
-@contextmanager
-def _uvicorn(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
-    """The app served by uvicorn in a thread, on 127.0.0.1 and a port of the kernel's choice."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped during start-up"
-            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
-
-
 def _wait_for(condition: Any, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -268,7 +241,7 @@ def _wait_for(condition: Any, timeout_s: float = 5.0) -> bool:
 def test_the_stream_over_a_real_server(settings: Settings, admin_token: str) -> None:
     app = create_app(settings, sandbox=FakeSandbox())
     auth = {"Authorization": f"Bearer {admin_token}"}
-    with _uvicorn(app) as (base, server):
+    with uvicorn_serving(app) as (base, server):
         hub = _nox(app).logs.hub
         hub.keepalive_s = 0.5
         with (

@@ -7,10 +7,9 @@ import time
 
 import httpx2
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from tests.conftest import free_port, hold_saves, nox_of, write_policy
+from tests.conftest import hold_saves, nox_of, uvicorn_serving, write_policy
 
 from nox_api.app import create_app
 from nox_api.config import Settings, load_settings
@@ -297,20 +296,8 @@ def test_runs_waiting_for_a_slot_leave_the_other_routes_their_threads(
         settings.data_dir.parent, "rate_limits:\n  roles:\n    admin: 100000/minute\n"
     )
     app = create_app(settings.model_copy(update={"policy_file": policy}), sandbox=FakeSandbox(held))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {admin_token}"}
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert serving.is_alive(), "the server thread ended"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+    with uvicorn_serving(app) as (url, _server):
         statuses: list[int] = []
 
         def run_one() -> None:
@@ -320,19 +307,17 @@ def test_runs_waiting_for_a_slot_leave_the_other_routes_their_threads(
         runners = [threading.Thread(target=run_one) for _ in range(50)]
         for runner in runners:
             runner.start()
-        time.sleep(1.0)  # every run is now in the server, each held or waiting for a thread
-        with httpx2.Client(base_url=url, headers=auth, timeout=10) as http:
-            began = time.monotonic()
-            assert http.get("/api/history", params={"limit": 1}).status_code == 200
-            assert time.monotonic() - began < 3.0
-        release.set()
-        for runner in runners:
-            runner.join(60)
+        try:
+            time.sleep(1.0)  # every run is now in the server, each held or waiting for a thread
+            with httpx2.Client(base_url=url, headers=auth, timeout=10) as http:
+                began = time.monotonic()
+                assert http.get("/api/history", params={"limit": 1}).status_code == 200
+                assert time.monotonic() - began < 3.0
+        finally:
+            release.set()
+            for runner in runners:
+                runner.join(60)
         assert statuses == [200] * 50
-    finally:
-        release.set()
-        server.should_exit = True
-        serving.join(30)
 
 
 def test_a_record_made_after_a_runs_answer_follows_the_runs_record(client: TestClient) -> None:
