@@ -15,7 +15,6 @@ import contextvars
 from collections.abc import Callable, Mapping
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -62,22 +61,18 @@ def _run(nox: Nox, caller: Caller, body: RunPython | RunShell) -> tuple[bytes, C
 async def _answer(
     request: Request, nox: Nox, caller: Caller, body: RunPython | RunShell
 ) -> Response:
-    threads = nox.executions.threads
-    if threads is None:
-        content, keep = await run_in_threadpool(_run, nox, caller, body)
-    else:
-        # The run's own threads (see ExecutionService.threads), with this request's context
-        # (its request id reaches the run's log lines). A request cancelled while its run goes
-        # on (a server shutting down) still gets the run written once the run ends.
-        context = contextvars.copy_context()
-        done = asyncio.get_running_loop().run_in_executor(
-            threads, context.run, _run, nox, caller, body
-        )
-        try:
-            content, keep = await asyncio.shield(done)
-        except asyncio.CancelledError:
-            done.add_done_callback(_keep_when_ended)
-            raise
+    # The runs' own threads (see ExecutionService.threads), with this request's context (its
+    # request id reaches the run's log lines). A request cancelled while its run goes on (a
+    # server shutting down) still gets the run written once the run ends.
+    context = contextvars.copy_context()
+    done = asyncio.get_running_loop().run_in_executor(
+        nox.executions.threads, context.run, _run, nox, caller, body
+    )
+    try:
+        content, keep = await asyncio.shield(done)
+    except asyncio.CancelledError:
+        done.add_done_callback(_keep_when_ended)
+        raise
     return _RunAnswer(content, getattr(request.state, "rate_headers", {}), keep)
 
 

@@ -66,7 +66,7 @@ class ExecutionService:
         auditor: Auditor,
         changed: Callable[[str], None] | None = None,
         background: bool = False,
-        threads: int = 0,
+        threads: int = 8,
     ) -> None:
         self._db = db
         self._sandbox = sandbox
@@ -80,11 +80,9 @@ class ExecutionService:
         # one writer thread, in order: not by the request's own background task, which would
         # hold its keep-alive connection (the client's next request) until it finished.
         self._writer = _Writer() if background else None
-        # Runs get threads of their own (``threads`` of them; none: the caller's): runs waiting
-        # for a sandbox slot must not take the threads every other synchronous route shares.
-        self.threads = (
-            ThreadPoolExecutor(threads, thread_name_prefix="nox-run") if threads > 0 else None
-        )
+        # Runs get ``threads`` threads of their own (made when first used): runs waiting for a
+        # sandbox slot must not take the threads every other synchronous route shares.
+        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="nox-run")
         self.observers: list[Callable[[Execution], None]] = []  # told of each finished run
 
     def limits_for(self, body: RunPython | RunShell, policy: Policy) -> Limits:
@@ -224,8 +222,7 @@ class ExecutionService:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Let started runs end, write what answered runs left to write, stop the writer."""
-        if self.threads is not None:
-            self.threads.shutdown(wait=True, cancel_futures=True)
+        self.threads.shutdown(wait=True, cancel_futures=True)
         if self._writer is not None:
             self._writer.close(timeout_s)
 
