@@ -163,20 +163,6 @@ class QuotaService:
         else:
             self._running.pop(workspace, None)
 
-    def upload_room(self, workspace: str, root: Path, replaced: int = 0) -> UploadRoom:
-        """Bytes an upload into ``workspace`` may still bring; raises when nothing is left.
-        ``replaced``: bytes of the file the upload replaces, freed when it lands."""
-        quota = self.quota(workspace)
-        stored = directory_bytes(root) - replaced
-        uploaded = self.usage(workspace).upload_bytes
-        room = UploadRoom(
-            storage_left=quota.storage_mib * MIB - stored,
-            upload_left=quota.upload_mib_per_day * MIB - uploaded,
-        )
-        if room.storage_left <= 0 or room.upload_left <= 0:
-            raise self.upload_refused(workspace, room, None)
-        return room
-
     def upload_refused(
         self, workspace: str, room: UploadRoom, size: int | None
     ) -> StorageQuotaExceeded | QuotaExceeded:
